@@ -1,0 +1,185 @@
+"""Compare one model against a reference cache: KL(reference ‖ quant) at every scored position.
+
+One model in memory at a time: the reference ran when the cache was built; here only the
+comparison model is loaded, and it is released before returning.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .errors import ModelError, TokenizerMismatch
+from .reference import TOKENIZER_PROBE, ReferenceCache, tokenizer_size
+
+
+@dataclass
+class KldResult:
+    """Everything one comparison produced. The per-position arrays stay for later breakdowns."""
+
+    model: str  # the name the user gave
+    path: str  # the resolved model directory
+    exec: str  # the execution precision actually used
+    reference: dict  # the cache's reference identity
+    settings: dict  # top_k, chunk_tokens, exec of the cache; corpus identity
+    summary: dict  # stats.summarize output (mean, se, median, p99, max, top1, ...)
+    categories: dict  # category -> summary
+    info: dict = field(default_factory=dict)  # model metadata (size, bits per weight, ...)
+    fingerprint: str = ""
+    is_reference: bool = False
+    seconds: float = 0.0
+    kl: np.ndarray | None = None  # float64 [N]: KL(reference ‖ quant) per scored position
+    top1: np.ndarray | None = None  # bool [N]
+    ref_target: np.ndarray | None = None  # float64 [N] log p_ref(next token)
+    quant_target: np.ndarray | None = None  # float64 [N] log p_quant(next token)
+    chunk_category: np.ndarray | None = None  # int32 [N] category index of each position
+    max_at: dict | None = None  # where the largest KL sits (chunk, position, token, next_token)
+
+    @property
+    def direction(self) -> str:
+        return "KL(reference || quant)"
+
+    def to_dict(self, *, arrays: bool = False) -> dict:
+        d = {
+            "model": self.model,
+            "path": self.path,
+            "direction": self.direction,
+            "exec": self.exec,
+            "reference": self.reference,
+            "settings": self.settings,
+            "summary": self.summary,
+            "categories": self.categories,
+            "info": self.info,
+            "fingerprint": self.fingerprint,
+            "is_reference": self.is_reference,
+            "seconds": round(self.seconds, 3),
+            "max_at": self.max_at,
+        }
+        if arrays:
+            d["kl"] = [float(x) for x in self.kl]
+            d["top1"] = [bool(x) for x in self.top1]
+        return d
+
+
+def check_tokenizer(cache: ReferenceCache, tokenizer, model: str) -> None:
+    """Refuse a comparison model whose tokenizer is not the reference's."""
+    ref = cache.manifest["reference"]["name"]
+    probe = [int(x) for x in tokenizer.encode(TOKENIZER_PROBE, add_special_tokens=False)]
+    size = tokenizer_size(tokenizer)
+    if probe != cache.manifest["tokenizer_probe"] or size != cache.manifest["tokenizer_size"]:
+        why = "other token ids for the same text" if probe != cache.manifest["tokenizer_probe"] else (
+            f"{size} tokens against the reference's {cache.manifest['tokenizer_size']}"
+        )
+        raise TokenizerMismatch(
+            f"tokenizer mismatch: {model} is not tokenised like the reference {ref} ({why}); "
+            "KLD needs both models to share one tokenizer"
+        )
+
+
+def compare(
+    cache: ReferenceCache,
+    model: str | os.PathLike,
+    *,
+    exec: str | None = None,
+    chunk_tokens: int | None = None,
+    name: str | None = None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+    with_info: bool = True,
+) -> KldResult:
+    """Run ``model`` over the cache's token ids (verbatim) and measure KL(reference ‖ model).
+
+    ``exec`` defaults to the exec the reference was built with, and ``chunk_tokens`` to its
+    chunking, so self-comparison reproduces the reference's numbers exactly.
+    """
+    from .divergence import compare_rows
+    from .forward import iter_corpus_logprobs, load_model
+    from .models import resolve_model, weights_fingerprint
+    from .stats import summarize, summarize_groups
+
+    t0 = time.time()
+    name = str(model) if name is None else name
+    path = resolve_model(model, revision=revision)
+    fp = weights_fingerprint(path)
+    settings = cache.manifest["settings"]
+    exec_mode = exec or settings["exec"]
+    ct = settings["chunk_tokens"] if chunk_tokens is None else chunk_tokens
+    lm = load_model(path, exec_mode, trust_remote_code=trust_remote_code)
+    try:
+        check_tokenizer(cache, lm.tokenizer, name)
+        vocab = int(cache.manifest["vocab_size"])
+        width = _logits_width(lm.model)
+        if width < vocab:
+            raise ModelError(
+                f"{name} has {width} output logits, fewer than the reference's {vocab}; "
+                "it cannot be compared over the reference's vocabulary"
+            )
+        total = int(cache.score_ranges[:, 1].sum())
+        done = 0
+
+        def tick(n):
+            nonlocal done
+            done += n
+            if progress is not None:
+                progress(done, total)
+
+        chunks = [cache.chunk(i) for i in range(cache.n_chunks)]
+        ranges = [tuple(int(v) for v in r) for r in cache.score_ranges]
+        parts = []
+        for i, lq in iter_corpus_logprobs(
+            lm.model, chunks, ranges, chunk_tokens=ct, vocab=vocab, progress=tick
+        ):
+            parts.append(compare_rows(cache.rows(i), lq))
+        exec_used = lm.exec
+    finally:
+        lm.release()
+
+    def cat(attr):
+        return np.concatenate([getattr(p, attr) for p in parts]) if parts else np.zeros(0)
+
+    kl, top1 = cat("kl"), cat("top1").astype(bool)
+    ref_t, q_t = cat("ref_target"), cat("quant_target")
+    per_pos_cat = np.repeat(cache.chunk_category, np.diff(cache.row_offsets)).astype(np.int32)
+    summary = summarize(kl, top1, ref_t, q_t)
+    categories = summarize_groups(
+        per_pos_cat, cache.categories, kl=kl, top1=top1, ref_target=ref_t, quant_target=q_t
+    )
+    info = {}
+    if with_info:
+        try:
+            from .models import model_info
+
+            info = model_info(path).to_dict()
+        except Exception as e:  # metadata is a courtesy; the KL figures stand without it
+            info = {"error": str(e).splitlines()[0] if str(e) else type(e).__name__}
+    return KldResult(
+        model=name,
+        path=str(path),
+        exec=exec_used,
+        reference=dict(cache.manifest["reference"]),
+        settings={**settings, "corpus": cache.manifest.get("corpus", {})},
+        summary=summary,
+        categories=categories,
+        info=info,
+        fingerprint=fp,
+        is_reference=fp == cache.manifest["reference"]["fingerprint"],
+        seconds=time.time() - t0,
+        kl=kl,
+        top1=top1,
+        ref_target=ref_t,
+        quant_target=q_t,
+        chunk_category=per_pos_cat,
+        max_at=cache.position_of(summary["argmax"]) if summary.get("argmax") is not None else None,
+    )
+
+
+def _logits_width(model) -> int:
+    import mlx.core as mx
+
+    return int(model(mx.array([[0]], dtype=mx.int32)).shape[-1])

@@ -1,0 +1,131 @@
+"""Per-position divergence between a sparse reference and a comparison model's log-probs.
+
+Direction: KL(reference ‖ quant) = Σ_x p_ref(x) · (log p_ref(x) − log p_quant(x)), weighted by the
+reference's probabilities.
+
+The reference keeps, per scored position, its top-K log-probs, their ids, and the log of the
+remaining (tail) mass. The tail is treated as one bin on both sides, so the estimate is a lower
+bound on the dense KL (log-sum inequality); with K equal to the vocabulary it is exact.
+Log-softmax and gathers run in float32 in MLX; the sums run in float64 in numpy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class SparseRows:
+    """The reference's record of some scored positions."""
+
+    ids: np.ndarray  # [n, K] token ids, most probable first
+    logprobs: np.ndarray  # [n, K] float32
+    tail: np.ndarray  # [n] float32 log of the mass outside the top K (-inf when K == V)
+    target: np.ndarray  # [n] float32 log-prob of the token that actually follows
+    target_ids: np.ndarray  # [n] the token that actually follows (from the cached token ids)
+
+
+def sparsify(lp, targets: np.ndarray, top_k: int) -> SparseRows:
+    """Top-K of float32 log-probs ``lp`` ([n, V] mx.array) with the tail mass, no cancellation.
+
+    The tail is log Σ_{x ∉ top-K} p(x), a log-sum-exp over the remaining entries, never
+    ``log(1 - Σ top-K)``, which loses all precision when the tail is small.
+    """
+    import mlx.core as mx
+
+    n, v = lp.shape
+    k = min(int(top_k), int(v))
+    tg = mx.array(targets.astype(np.int32))[:, None]
+    target = mx.take_along_axis(lp, tg, axis=-1)[:, 0]
+    if k == v:
+        idx = mx.argsort(-lp, axis=-1)
+        tail = mx.full((n,), -mx.inf, dtype=mx.float32)
+    else:
+        idx = mx.argpartition(-lp, kth=k - 1, axis=-1)[:, :k]
+        order = mx.argsort(-mx.take_along_axis(lp, idx, axis=-1), axis=-1)
+        idx = mx.take_along_axis(idx, order, axis=-1)
+        rest = mx.put_along_axis(lp, idx, mx.array(-mx.inf, dtype=lp.dtype), axis=-1)
+        tail = mx.logsumexp(rest, axis=-1)
+    vals = mx.take_along_axis(lp, idx, axis=-1)
+    mx.eval(idx, vals, tail, target)
+    return SparseRows(
+        ids=np.array(idx, copy=False).astype(np.int64),
+        logprobs=np.array(vals, copy=False).astype(np.float32),
+        tail=np.array(tail, copy=False).astype(np.float32),
+        target=np.array(target, copy=False).astype(np.float32),
+        target_ids=np.asarray(targets, dtype=np.int64),
+    )
+
+
+@dataclass
+class PositionStats:
+    """Per-position comparison figures (all float64 except flags)."""
+
+    kl: np.ndarray  # KL(reference ‖ quant), nats; NaN where the quant's logits were not finite
+    top1: np.ndarray  # bool: the quant's argmax equals the reference's
+    ref_target: np.ndarray  # log p_ref(next token)
+    quant_target: np.ndarray  # log p_quant(next token)
+    finite: np.ndarray  # bool: the quant's log-probs at this position were all finite
+
+
+def compare_rows(ref: SparseRows, lq) -> PositionStats:
+    """KL(reference ‖ quant) at each position from the sparse reference and dense quant log-probs.
+
+    ``lq`` is the quant's float32 log-probs over the reference's vocabulary ([n, V] mx.array).
+    """
+    import mlx.core as mx
+
+    ids = mx.array(ref.ids.astype(np.int32))
+    q_top = mx.take_along_axis(lq, ids, axis=-1)
+    has_tail = bool(np.any(np.isfinite(ref.tail)))
+    if has_tail:
+        rest = mx.put_along_axis(lq, ids, mx.array(-mx.inf, dtype=lq.dtype), axis=-1)
+        q_tail = mx.logsumexp(rest, axis=-1)
+    else:
+        q_tail = mx.full((lq.shape[0],), -mx.inf, dtype=mx.float32)
+    q_arg = mx.argmax(lq, axis=-1)
+    finite = mx.all(mx.isfinite(lq), axis=-1)
+    mx.eval(q_top, q_tail, q_arg, finite)
+
+    q_top = np.array(q_top, copy=False).astype(np.float64)
+    q_tail = np.array(q_tail, copy=False).astype(np.float64)
+    finite = np.array(finite, copy=False).astype(bool)
+    p_lp = ref.logprobs.astype(np.float64)
+    p = np.exp(p_lp)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        kl = np.sum(p * (p_lp - q_top), axis=-1)
+        r_tail = ref.tail.astype(np.float64)
+        p_tail = np.exp(r_tail)
+        tail_term = np.where(p_tail > 0, p_tail * (r_tail - q_tail), 0.0)
+    kl = kl + tail_term
+    kl[~finite] = np.nan
+
+    q_target = _gather(lq, ref.target_ids)
+    return PositionStats(
+        kl=kl,
+        top1=np.array(q_arg, copy=False).astype(np.int64) == ref.ids[:, 0],
+        ref_target=np.asarray(ref.target, dtype=np.float64),
+        quant_target=q_target,
+        finite=finite,
+    )
+
+
+def _gather(lq, targets: np.ndarray) -> np.ndarray:
+    import mlx.core as mx
+
+    g = mx.take_along_axis(lq, mx.array(targets.astype(np.int32))[:, None], axis=-1)[:, 0]
+    return np.array(g.astype(mx.float32), copy=False).astype(np.float64)
+
+
+def dense_kl(ref_lp: np.ndarray, quant_lp: np.ndarray) -> np.ndarray:
+    """Full-vocabulary KL(reference ‖ quant) in float64 from two dense log-prob arrays (numpy).
+
+    The independent check of the sparse path, used in tests and the bias report.
+    """
+    r = ref_lp.astype(np.float64)
+    q = quant_lp.astype(np.float64)
+    r = r - np.logaddexp.reduce(r, axis=-1, keepdims=True)
+    q = q - np.logaddexp.reduce(q, axis=-1, keepdims=True)
+    return np.sum(np.exp(r) * (r - q), axis=-1)

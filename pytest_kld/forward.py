@@ -1,0 +1,225 @@
+"""Forward passes: load a model for an execution precision, run token chunks through it with
+mlx-lm's KV cache, and hand back float32 log-probs of the scored positions only.
+
+Execution precision ("exec"):
+- ``native``: the model as saved (fp16/bf16, MLX's quantised kernels). Right on Apple silicon and
+  GPUs, where those kernels are fast.
+- ``float32``: every floating parameter cast to float32 and every quantised layer dequantised
+  exactly to float32 (scales and biases widened first, so no rounding is added). On a CPU MLX's
+  quantised kernels are unusably slow; this gives the same function ~25x faster.
+- ``auto``: native where Metal or CUDA is available, float32 otherwise.
+Every result records the exec actually used.
+"""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+EXEC_MODES = ("auto", "native", "float32")
+
+
+def resolve_exec(exec_mode: str) -> str:
+    """``auto`` → ``native`` on Metal/CUDA, ``float32`` on a CPU; other values are checked."""
+    if exec_mode not in EXEC_MODES:
+        from .errors import KldError
+
+        raise KldError(f"unknown exec mode {exec_mode!r}: choose one of {', '.join(EXEC_MODES)}")
+    if exec_mode != "auto":
+        return exec_mode
+    import mlx.core as mx
+
+    gpu = mx.metal.is_available()
+    if not gpu:
+        try:
+            gpu = bool(mx.cuda.is_available())
+        except AttributeError:
+            gpu = False
+    return "native" if gpu else "float32"
+
+
+def dequantize_to_float32(model) -> int:
+    """Replace each quantised layer of ``model`` by an exact float32 dense one; return the count."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_unflatten
+    from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
+
+    def widen(a):
+        if a is None or not mx.issubdtype(a.dtype, mx.floating):
+            return a
+        return a.astype(mx.float32)
+
+    replaced = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.QuantizedLinear):
+            kind = "linear"
+        elif isinstance(module, nn.QuantizedEmbedding):
+            kind = "embedding"
+        elif isinstance(module, QuantizedSwitchLinear):
+            kind = "switch"
+        else:
+            continue
+        kwargs = {}
+        gs = getattr(module, "global_scale", None)
+        if gs is not None:
+            kwargs["global_scale"] = gs
+        weight = mx.dequantize(
+            module.weight,
+            widen(module.scales),
+            widen(module.get("biases")),
+            module.group_size,
+            module.bits,
+            module.mode,
+            dtype=mx.float32,
+            **kwargs,
+        )
+        has_bias = "bias" in module
+        if kind == "linear":
+            new = nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias)
+        elif kind == "embedding":
+            new = nn.Embedding(weight.shape[0], weight.shape[1])
+        else:
+            new = SwitchLinear(weight.shape[2], weight.shape[1], weight.shape[0], bias=has_bias)
+        new.weight = weight
+        if has_bias:
+            new.bias = module.bias.astype(mx.float32)
+        replaced.append((name, new))
+    if replaced:
+        model.update_modules(tree_unflatten(replaced))
+    return len(replaced)
+
+
+def cast_float32(model) -> None:
+    import mlx.core as mx
+    from mlx.utils import tree_map
+
+    model.update(
+        tree_map(
+            lambda v: v.astype(mx.float32)
+            if isinstance(v, mx.array) and mx.issubdtype(v.dtype, mx.floating)
+            else v,
+            model.parameters(),
+        )
+    )
+
+
+@dataclass
+class LoadedModel:
+    model: object
+    tokenizer: object
+    config: dict
+    path: Path
+    exec: str
+    n_dequantized: int = 0
+
+    def release(self) -> None:
+        """Drop the weights so the next model loads into free memory."""
+        import mlx.core as mx
+
+        self.model = None
+        gc.collect()
+        mx.clear_cache()
+
+
+def load_model(path: Path, exec_mode: str = "auto", *, trust_remote_code: bool = False) -> LoadedModel:
+    """Load the MLX model directory ``path`` (already resolved) for ``exec_mode``."""
+    import mlx.core as mx
+    from mlx_lm.utils import load
+
+    from .errors import ModelError
+
+    exec_used = resolve_exec(exec_mode)
+    try:
+        model, tokenizer, config = load(
+            str(path), return_config=True, trust_remote_code=trust_remote_code
+        )
+    except ValueError as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "not supported" in msg or "Model type" in msg:
+            raise ModelError(
+                f"{path}: unsupported model architecture ({msg}); "
+                "pytest-kld runs the architectures that mlx-lm supports"
+            ) from None
+        raise ModelError(f"{path}: mlx-lm could not load this model: {msg}") from None
+    except FileNotFoundError as e:
+        raise ModelError(f"{path}: not a loadable MLX model ({e})") from None
+    n_deq = 0
+    if exec_used == "float32":
+        n_deq = dequantize_to_float32(model)
+        cast_float32(model)
+    mx.eval(model.parameters())
+    return LoadedModel(model, tokenizer, config, Path(path), exec_used, n_deq)
+
+
+def _cache_arrays(cache) -> list:
+    from mlx.utils import tree_flatten
+
+    import mlx.core as mx
+
+    return [a for _, a in tree_flatten([c.state for c in cache]) if isinstance(a, mx.array)]
+
+
+def chunk_logprobs(
+    model,
+    tokens: np.ndarray,
+    start: int,
+    end: int,
+    *,
+    chunk_tokens: int | None = None,
+    vocab: int | None = None,
+):
+    """Run ``tokens`` (one chunk) through ``model`` in pieces of ``chunk_tokens`` with a KV cache.
+
+    Returns float32 log-probs (an ``mx.array`` of shape [end - start, V]) of output positions
+    [start, end): the distributions over the token that follows each of those positions. The
+    log-softmax is taken over the first ``vocab`` logits (the reference's vocabulary), in float32.
+    """
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    n = int(tokens.shape[0])
+    step = n if not chunk_tokens or chunk_tokens <= 0 else int(chunk_tokens)
+    cache = make_prompt_cache(model)
+    ids = mx.array(tokens.astype(np.int32))[None]
+    pieces = []
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        logits = model(ids[:, s:e], cache=cache)[0]
+        lo, hi = max(start, s), min(end, e)
+        if lo < hi:
+            lg = logits[lo - s : hi - s]
+            if vocab is not None:
+                lg = lg[:, :vocab]
+            lg = lg.astype(mx.float32)
+            lp = lg - mx.logsumexp(lg, axis=-1, keepdims=True)
+            mx.eval(lp)
+            pieces.append(lp)
+        else:
+            mx.eval(logits[-1:], *_cache_arrays(cache))
+        if e >= end:
+            break
+    if not pieces:
+        return mx.zeros((0, vocab or 0), dtype=mx.float32)
+    return pieces[0] if len(pieces) == 1 else mx.concatenate(pieces, axis=0)
+
+
+def iter_corpus_logprobs(
+    model,
+    chunks: Sequence[np.ndarray],
+    score_ranges: Sequence[tuple[int, int]],
+    *,
+    chunk_tokens: int | None = None,
+    vocab: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> Iterator[tuple[int, object]]:
+    """Yield (chunk index, float32 log-probs of its scored positions) for every chunk."""
+    for i, (toks, (s, e)) in enumerate(zip(chunks, score_ranges)):
+        # Only the tokens up to the last scored output are needed.
+        yield i, chunk_logprobs(model, toks[: e], s, e, chunk_tokens=chunk_tokens, vocab=vocab)
+        if progress is not None:
+            progress(int(e))

@@ -1,0 +1,1 @@
+"""pytest-kld's pytest plugin (options, fixtures, hooks). No mlx import at module top."""

@@ -1,0 +1,507 @@
+"""The sparse reference cache: build it once per (reference, corpus, settings), store it
+atomically, validate everything on load, never trust a stale or half-written one.
+
+Layout, below the cache directory (every name derived from a hash, so no model id or corpus name
+can steer a path outside it)::
+
+    ref-<hash of the reference's weights>/
+        <mode>-<key>/            one entry per corpus + settings (several modes per reference)
+            manifest.json        format, settings, identities, shapes, checksums
+            arrays.safetensors   token ids, chunk bounds, scored ranges, top-K ids/log-probs,
+                                 tail log-mass, the reference's log-prob of each next token
+        <mode>-<key>.lock        the file lock that serialises builders and readers
+
+An entry appears only by renaming a complete temporary directory into place, so a build killed
+at any point leaves at most a ``.tmp-*`` directory, which no reader opens and the next builder
+removes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .errors import CacheError, KldError
+
+FORMAT_VERSION = 1
+ARRAYS = "arrays.safetensors"
+MANIFEST = "manifest.json"
+REBUILD_HINT = "rerun with --kld-rebuild (or delete the directory) to rebuild it"
+# Text whose ids the cache records: a comparison model's tokenizer must give the same ids.
+TOKENIZER_PROBE = (
+    "The quick brown fox jumps over 13 lazy dogs; naïve café, straße. "
+    "def f(x): return {\"a\": [1, 2.5e-3]}  日本語のテキスト。 Привет, мир! مرحبا 🙂"
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the reference pass is run with (each part of the cache key)."""
+
+    top_k: int = 256
+    chunk_tokens: int | None = 512  # forward-pass piece size; None or 0: the whole chunk at once
+    exec: str = "auto"  # auto | native | float32; resolved before it enters the key
+
+    def __post_init__(self):
+        if not isinstance(self.top_k, int) or self.top_k < 1:
+            raise KldError(f"top_k must be a positive integer, got {self.top_k!r}")
+        if self.chunk_tokens is not None and (
+            not isinstance(self.chunk_tokens, int) or self.chunk_tokens < 0
+        ):
+            raise KldError(f"chunk_tokens must be a non-negative integer, got {self.chunk_tokens!r}")
+
+
+def default_cache_dir() -> Path:
+    """``$PYTEST_KLD_CACHE_DIR``, else the user cache directory (XDG or ~/Library/Caches)."""
+    env = os.environ.get("PYTEST_KLD_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Caches" / "pytest-kld"
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "pytest-kld"
+
+
+def _sha256_json(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def id_dtype(vocab: int):
+    """The narrowest unsigned integer type that holds every id of a ``vocab``-sized vocabulary."""
+    return np.uint16 if vocab <= 1 << 16 else np.uint32
+
+
+# --------------------------------------------------------------------------------------------
+# The loaded cache
+
+
+@dataclass
+class ReferenceCache:
+    path: Path
+    manifest: dict
+    tokens: np.ndarray  # int32, every chunk's ids back to back
+    chunk_offsets: np.ndarray  # int64 [C + 1]
+    score_ranges: np.ndarray  # int32 [C, 2]: scored output positions [start, end) per chunk
+    chunk_category: np.ndarray  # int32 [C] index into manifest["categories"]
+    topk_ids: np.ndarray  # uint16/uint32 [N, K]
+    topk_logprobs: np.ndarray  # float32 [N, K]
+    tail: np.ndarray  # float32 [N] log of the mass outside the top K
+    target: np.ndarray  # float32 [N] log p_ref(next token)
+    row_offsets: np.ndarray = field(init=False)  # int64 [C + 1] rows of each chunk
+
+    def __post_init__(self):
+        n = (self.score_ranges[:, 1] - self.score_ranges[:, 0]).astype(np.int64)
+        self.row_offsets = np.concatenate([[0], np.cumsum(n)]).astype(np.int64)
+
+    @property
+    def categories(self) -> list[str]:
+        return list(self.manifest["categories"])
+
+    @property
+    def n_chunks(self) -> int:
+        return int(self.score_ranges.shape[0])
+
+    @property
+    def n_positions(self) -> int:
+        return int(self.topk_ids.shape[0])
+
+    @property
+    def top_k(self) -> int:
+        return int(self.topk_ids.shape[1])
+
+    @property
+    def settings(self) -> Settings:
+        s = self.manifest["settings"]
+        return Settings(top_k=s["top_k"], chunk_tokens=s["chunk_tokens"], exec=s["exec"])
+
+    def chunk(self, i: int) -> np.ndarray:
+        return self.tokens[self.chunk_offsets[i] : self.chunk_offsets[i + 1]]
+
+    def rows(self, i: int):
+        """The reference's sparse record of chunk ``i``'s scored positions."""
+        from .divergence import SparseRows
+
+        a, b = self.row_offsets[i], self.row_offsets[i + 1]
+        s, e = self.score_ranges[i]
+        return SparseRows(
+            ids=self.topk_ids[a:b].astype(np.int64),
+            logprobs=self.topk_logprobs[a:b],
+            tail=self.tail[a:b],
+            target=self.target[a:b],
+            target_ids=self.chunk(i)[s + 1 : e + 1].astype(np.int64),
+        )
+
+    def position_of(self, row: int) -> dict:
+        """Where scored row ``row`` sits: chunk, position in it, the token there and the next one."""
+        c = int(np.searchsorted(self.row_offsets, row, side="right") - 1)
+        pos = int(self.score_ranges[c, 0] + (row - self.row_offsets[c]))
+        toks = self.chunk(c)
+        return {"chunk": c, "position": pos, "token": int(toks[pos]), "next_token": int(toks[pos + 1])}
+
+    @classmethod
+    def load(cls, path: str | Path, *, expect_key: str | None = None) -> "ReferenceCache":
+        """Load and fully validate the cache entry at ``path``; any doubt is a CacheError."""
+        path = Path(path)
+        mpath = path / MANIFEST
+        apath = path / ARRAYS
+
+        def bad(what: str) -> CacheError:
+            return CacheError(f"reference cache {path} is not usable: {what}; {REBUILD_HINT}")
+
+        if not mpath.is_file() or not apath.is_file():
+            raise bad(f"missing {MANIFEST if not mpath.is_file() else ARRAYS}")
+        try:
+            manifest = json.loads(mpath.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise bad(f"{MANIFEST} does not parse ({e})") from None
+        if not isinstance(manifest, dict):
+            raise bad(f"{MANIFEST} is not an object")
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise bad(
+                f"format version {manifest.get('format_version')!r}, this pytest-kld reads {FORMAT_VERSION}"
+            )
+        body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+        if manifest.get("manifest_sha256") != _sha256_json(body):
+            raise bad(f"{MANIFEST} was edited (its checksum does not match)")
+        key = manifest.get("key")
+        if key != _sha256_json(manifest.get("key_material")):
+            raise bad("its key does not match its settings")
+        if expect_key is not None and key != expect_key:
+            raise bad("it was built for other settings")
+        if apath.stat().st_size != manifest.get("arrays_bytes"):
+            raise bad(f"{ARRAYS} has {apath.stat().st_size} bytes, expected {manifest.get('arrays_bytes')} (truncated?)")
+        if _sha256_file(apath) != manifest.get("arrays_sha256"):
+            raise bad(f"{ARRAYS} is corrupt (checksum mismatch)")
+        try:
+            from safetensors.numpy import load_file
+
+            arrays = load_file(str(apath))
+        except Exception as e:  # safetensors raises its own error types
+            raise bad(f"{ARRAYS} does not load ({e})") from None
+        shapes = manifest.get("shapes", {})
+        for name, shape in shapes.items():
+            if name not in arrays or list(arrays[name].shape) != list(shape):
+                got = None if name not in arrays else list(arrays[name].shape)
+                raise bad(f"array {name!r} has shape {got}, expected {shape}")
+        cache = cls(
+            path=path,
+            manifest=manifest,
+            tokens=arrays["tokens"],
+            chunk_offsets=arrays["chunk_offsets"],
+            score_ranges=arrays["score_ranges"],
+            chunk_category=arrays["chunk_category"],
+            topk_ids=arrays["topk_ids"],
+            topk_logprobs=arrays["topk_logprobs"],
+            tail=arrays["tail"],
+            target=arrays["target"],
+        )
+        cache._check_consistency(bad)
+        return cache
+
+    def _check_consistency(self, bad) -> None:
+        c = self.score_ranges.shape[0]
+        if self.chunk_offsets.shape != (c + 1,) or self.chunk_offsets[-1] != self.tokens.shape[0]:
+            raise bad("chunk offsets do not cover the token ids")
+        lens = np.diff(self.chunk_offsets)
+        s, e = self.score_ranges[:, 0], self.score_ranges[:, 1]
+        if np.any(s < 0) or np.any(e < s) or np.any(e > lens - 1):
+            raise bad("scored ranges fall outside their chunks")
+        if self.row_offsets[-1] != self.topk_ids.shape[0]:
+            raise bad("the number of scored positions does not match the top-K arrays")
+        if np.any(self.chunk_category >= len(self.manifest.get("categories", []))):
+            raise bad("chunk categories out of range")
+
+
+# --------------------------------------------------------------------------------------------
+# Building
+
+
+def _key_material(ref_fp: str, tok_fp: str, corpus_key: dict, settings: Settings, exec_used: str) -> dict:
+    return {
+        "format_version": FORMAT_VERSION,
+        "reference_fingerprint": ref_fp,
+        "tokenizer_fingerprint": tok_fp,
+        "corpus": corpus_key,
+        "top_k": settings.top_k,
+        "chunk_tokens": settings.chunk_tokens or 0,
+        "exec": exec_used,
+    }
+
+
+def entry_path(cache_dir: Path, ref_fp: str, mode: str, key: str) -> Path:
+    safe_mode = "".join(ch for ch in mode if ch.isalnum())[:16] or "corpus"
+    return Path(cache_dir) / f"ref-{hashlib.sha256(ref_fp.encode()).hexdigest()[:16]}" / f"{safe_mode}-{key[:24]}"
+
+
+@dataclass
+class ReferencePlan:
+    """Everything known about a reference cache entry before it is built or loaded."""
+
+    reference: str
+    path: Path  # the resolved model directory
+    fingerprint: str
+    tokenizer_fingerprint: str
+    corpus: object  # CorpusSpec
+    settings: Settings
+    exec: str
+    key_material: dict
+    key: str
+    entry: Path
+    revision: str | None = None
+
+
+def plan_reference(
+    reference: str | os.PathLike,
+    corpus,
+    settings: Settings = Settings(),
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    revision: str | None = None,
+) -> ReferencePlan:
+    """Resolve the reference and compute its cache key, without importing mlx."""
+    from .forward import resolve_exec
+    from .models import resolve_model, tokenizer_fingerprint, weights_fingerprint
+
+    path = resolve_model(reference, revision=revision)
+    fp = weights_fingerprint(path)
+    tfp = tokenizer_fingerprint(path)
+    exec_used = resolve_exec(settings.exec)
+    material = _key_material(fp, tfp, corpus.key_dict(), settings, exec_used)
+    key = _sha256_json(material)
+    entry = entry_path(Path(cache_dir) if cache_dir else default_cache_dir(), fp, corpus.mode, key)
+    return ReferencePlan(str(reference), path, fp, tfp, corpus, settings, exec_used, material, key, entry, revision)
+
+
+def ensure_reference(
+    reference: str | os.PathLike,
+    corpus,
+    settings: Settings = Settings(),
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    revision: str | None = None,
+    rebuild: bool = False,
+    rebuild_before: float | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    trust_remote_code: bool = False,
+    on_build: Callable[[ReferencePlan], None] | None = None,
+) -> ReferenceCache:
+    """Load the cache entry for this reference, corpus and settings, building it if needed.
+
+    Serialised by a file lock, so concurrent processes build it once and all read the same bytes.
+    ``rebuild`` forces a new build; ``rebuild_before`` (a UNIX time) rebuilds only an entry made
+    before it, so several workers of one session asked to rebuild do it once.
+    A corrupt entry raises CacheError unless a rebuild was asked for.
+    """
+    from filelock import FileLock
+
+    plan = plan_reference(reference, corpus, settings, cache_dir=cache_dir, revision=revision)
+    entry = plan.entry
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(entry) + ".lock")
+        lock.acquire()
+    except OSError as e:
+        raise CacheError(
+            f"cannot use the reference cache directory {entry.parent}: {e.strerror or e}; "
+            "make it writable or choose another with --kld-cache-dir"
+        ) from None
+    try:
+        if entry.exists() and not rebuild:
+            try:
+                cache = ReferenceCache.load(entry, expect_key=plan.key)
+            except CacheError:
+                if rebuild_before is None:
+                    raise
+                cache = None
+            if cache is not None and (
+                rebuild_before is None or cache.manifest.get("created_at", 0) >= rebuild_before
+            ):
+                return cache
+        if on_build is not None:
+            on_build(plan)
+        _build(plan, progress=progress, trust_remote_code=trust_remote_code)
+        return ReferenceCache.load(entry, expect_key=plan.key)
+    finally:
+        lock.release()
+
+
+def _build(plan: ReferencePlan, *, progress=None, trust_remote_code: bool = False) -> None:
+    """Run the reference over the corpus and write the entry atomically (caller holds the lock)."""
+    from .corpus import tokenize_corpus
+    from .divergence import sparsify
+    from .forward import iter_corpus_logprobs, load_model
+
+    entry = plan.entry
+    for stale in entry.parent.glob(f".tmp-{entry.name}-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+    t0 = time.time()
+    lm = load_model(plan.path, plan.exec, trust_remote_code=trust_remote_code)
+    tok = lm.tokenizer
+    corpus = tokenize_corpus(plan.corpus, tok)
+    chunks = [np.asarray(c, dtype=np.int32) for c in corpus.chunks]
+    ranges = [(int(s), int(e)) for s, e in corpus.score_ranges]
+    for i, (c, (s, e)) in enumerate(zip(chunks, ranges)):
+        if not (0 <= s <= e <= len(c) - 1):
+            raise KldError(f"corpus chunk {i}: scored range [{s}, {e}) does not fit its {len(c)} tokens")
+    cat_names = sorted(set(corpus.categories))
+    chunk_cat = np.array([cat_names.index(c) for c in corpus.categories], dtype=np.int32)
+    vocab = _logits_width(lm)
+    tok_len = tokenizer_size(tok)
+    if tok_len > vocab:
+        raise KldError(f"{plan.reference}: tokenizer has {tok_len} tokens but the model only {vocab} logits")
+    idt = id_dtype(vocab)
+    total = int(sum(e for _, e in ranges))
+    done = 0
+
+    def tick(n):
+        nonlocal done
+        done += n
+        if progress is not None:
+            progress(done, total)
+
+    ids_l, lp_l, tail_l, tgt_l = [], [], [], []
+    for i, lp in iter_corpus_logprobs(
+        lm.model, chunks, ranges, chunk_tokens=plan.settings.chunk_tokens, vocab=vocab, progress=tick
+    ):
+        s, e = ranges[i]
+        rows = sparsify(lp, chunks[i][s + 1 : e + 1], plan.settings.top_k)
+        if not (np.all(np.isfinite(rows.logprobs)) and np.all(np.isfinite(rows.target))):
+            raise KldError(f"{plan.reference}: the reference produced NaN or inf log-probs in chunk {i}")
+        ids_l.append(rows.ids.astype(idt))
+        lp_l.append(rows.logprobs)
+        tail_l.append(rows.tail)
+        tgt_l.append(rows.target)
+    probe = [int(x) for x in tok.encode(TOKENIZER_PROBE, add_special_tokens=False)]
+    lm.release()
+    elapsed = time.time() - t0
+    k = min(plan.settings.top_k, vocab)
+    arrays = {
+        "tokens": np.concatenate(chunks).astype(np.int32) if chunks else np.zeros(0, np.int32),
+        "chunk_offsets": np.concatenate([[0], np.cumsum([len(c) for c in chunks])]).astype(np.int64),
+        "score_ranges": np.array(ranges, dtype=np.int32).reshape(-1, 2),
+        "chunk_category": chunk_cat,
+        "topk_ids": np.concatenate(ids_l) if ids_l else np.zeros((0, k), idt),
+        "topk_logprobs": np.concatenate(lp_l) if lp_l else np.zeros((0, k), np.float32),
+        "tail": np.concatenate(tail_l) if tail_l else np.zeros(0, np.float32),
+        "target": np.concatenate(tgt_l) if tgt_l else np.zeros(0, np.float32),
+    }
+    n_pos = int(arrays["topk_ids"].shape[0])
+    import mlx.core as mx
+    import mlx_lm
+
+    from . import __version__
+
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "key": plan.key,
+        "key_material": plan.key_material,
+        "created_at": time.time(),
+        "reference": {
+            "name": plan.reference,
+            "path": str(plan.path),
+            "revision": plan.revision,
+            "fingerprint": plan.fingerprint,
+            "tokenizer_fingerprint": plan.tokenizer_fingerprint,
+        },
+        "settings": {
+            "top_k": k,
+            "chunk_tokens": plan.settings.chunk_tokens or 0,
+            "exec": plan.exec,
+        },
+        "corpus": {**corpus.identity, "mode": plan.corpus.mode},
+        "categories": cat_names,
+        "vocab_size": vocab,
+        "tokenizer_size": tok_len,
+        "tokenizer_probe": probe,
+        "positions": n_pos,
+        "bytes_per_position": int(
+            sum(arrays[n].nbytes for n in ("topk_ids", "topk_logprobs", "tail", "target")) // max(n_pos, 1)
+        ),
+        "build_seconds": round(elapsed, 3),
+        "versions": {"pytest_kld": __version__, "mlx": mx.__version__, "mlx_lm": mlx_lm.__version__},
+        "shapes": {name: list(a.shape) for name, a in arrays.items()},
+    }
+    _write_entry(entry, arrays, manifest)
+
+
+def _write_entry(entry: Path, arrays: dict, manifest: dict) -> None:
+    from safetensors.numpy import save_file
+
+    tmp = entry.parent / f".tmp-{entry.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.mkdir()
+        apath = tmp / ARRAYS
+        save_file(arrays, str(apath))
+        _fsync(apath)
+        manifest = dict(manifest, arrays_bytes=apath.stat().st_size, arrays_sha256=_sha256_file(apath))
+        manifest["manifest_sha256"] = _sha256_json(manifest)
+        mpath = tmp / MANIFEST
+        with open(mpath, "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        if entry.exists():
+            old = entry.parent / f".tmp-{entry.name}-old-{uuid.uuid4().hex[:8]}"
+            os.rename(entry, old)
+            os.rename(tmp, entry)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, entry)
+        _fsync_dir(entry.parent)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CacheError(
+            f"cannot write the reference cache in {entry.parent}: {e.strerror or e}; "
+            "free some space or choose another directory with --kld-cache-dir"
+        ) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        _fsync(path)
+    except OSError:
+        pass
+
+
+def _logits_width(lm) -> int:
+    """The model's output width, read from one forward step (padding rows included)."""
+    import mlx.core as mx
+
+    out = lm.model(mx.array([[0]], dtype=mx.int32))
+    return int(out.shape[-1])
+
+
+def tokenizer_size(tok) -> int:
+    """Number of tokens of an mlx-lm TokenizerWrapper or HF tokenizer, added tokens included."""
+    inner = getattr(tok, "_tokenizer", tok)
+    return int(len(inner))
