@@ -13,9 +13,13 @@ import pytest
 
 from pytest_kld.errors import KldError, ModelError
 from pytest_kld.models import (
+    ModelInfo,
+    display_name,
     hub_cache_dir,
+    model_info,
     read_safetensors_header,
     resolve_model,
+    tensor_role,
     tokenizer_fingerprint,
     weights_fingerprint,
 )
@@ -298,7 +302,9 @@ def test_weights_fingerprint_kinds_and_sensitivity(tmp_path):
     # same header and size, other data: the fast fingerprint cannot see it (documented), full can
     c = tmp_path / "c"
     shutil.copytree(a, c)
-    write_safetensors(c / "model.safetensors", {"w": ("F16", [4, 4]), "b": ("F32", [4])}, fill=b"\1")
+    write_safetensors(
+        c / "model.safetensors", {"w": ("F16", [4, 4]), "b": ("F32", [4])}, fill=b"\1"
+    )
     os.utime(c / "model.safetensors", ns=((a / "model.safetensors").stat().st_mtime_ns,) * 2)
     assert weights_fingerprint(c) == fast
     assert weights_fingerprint(c, full=True) != full
@@ -444,3 +450,392 @@ def test_tokenizer_fingerprint_fallback_files(tmp_path):
     empty.mkdir()
     with pytest.raises(ModelError, match="no tokenizer in"):
         tokenizer_fingerprint(empty)
+
+
+# ---------------------------------------------------------------------------------------------
+# model_info on real tiny models quantised by mlx_lm.convert
+# ---------------------------------------------------------------------------------------------
+
+
+def _hi_shared_lin_float_router(path, module):
+    """A callable predicate: routers left in float, shared experts 8-bit, linear attention 6-bit."""
+    if path.endswith("mlp.gate") or "shared_expert_gate" in path:
+        return False
+    if "shared_expert." in path:
+        return {"bits": 8, "group_size": 64, "mode": "affine"}
+    if "linear_attn" in path:
+        return {"bits": 6, "group_size": 64, "mode": "affine"}
+    return True
+
+
+def _hi_embed_head(path, module):
+    if "embed_tokens" in path or "lm_head" in path:
+        return {"bits": 8, "group_size": 32, "mode": "affine"}
+    return True
+
+
+# (source arch, name, quantize kwargs)
+QUANTS = [
+    ("llama", "llama-q4", dict(bits=4, group_size=64)),
+    ("llama", "llama-q8g32", dict(bits=8, group_size=32)),
+    ("llama", "llama-m36", dict(bits=4, group_size=64, predicate="mixed_3_6")),
+    ("llama", "llama-m46", dict(bits=4, group_size=64, predicate="mixed_4_6")),
+    ("llama", "llama-eh8", dict(bits=4, group_size=64, predicate=_hi_embed_head)),
+    ("llama", "llama-mxfp4", dict(bits=4, group_size=32, mode="mxfp4")),
+    ("llama", "llama-nvfp4", dict(bits=4, group_size=16, mode="nvfp4")),
+    ("llama", "llama-mxfp8", dict(bits=8, group_size=32, mode="mxfp8")),
+    ("qwen3", "qwen3-m46", dict(bits=4, group_size=64, predicate="mixed_4_6")),
+    ("qwen3_5", "qwen3_5-q4", dict(bits=4, group_size=64)),
+    ("qwen3_5", "qwen3_5-m36", dict(bits=4, group_size=64, predicate="mixed_3_6")),
+    (
+        "qwen3_5",
+        "qwen3_5-custom",
+        dict(bits=4, group_size=64, predicate=_hi_shared_lin_float_router),
+    ),
+    ("qwen3_5_moe", "moe-q4", dict(bits=4, group_size=64)),
+    ("qwen3_5_moe", "moe-m36", dict(bits=3, group_size=64, predicate="mixed_3_6")),
+    (
+        "qwen3_5_moe",
+        "moe-custom",
+        dict(bits=4, group_size=64, predicate=_hi_shared_lin_float_router),
+    ),
+]
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """Tiny references and their quants, built once: {name: path}."""
+    pytest.importorskip("mlx_lm")
+    from pytest_kld.testing import build_model, quantize
+
+    root = tmp_path_factory.mktemp("tiny_models")
+    out = {}
+    for arch in ("llama", "qwen3", "qwen3_5", "qwen3_5_moe"):
+        out[arch] = build_model(root / arch, arch)
+    for src, name, kw in QUANTS:
+        out[name] = quantize(out[src], root / name, **kw)
+    return out
+
+
+def test_reference_info(tiny):
+    i = model_info(tiny["llama"])
+    assert isinstance(i, ModelInfo)
+    assert i.quantized is False and i.mode == "none" and i.family == "none"
+    assert i.bits_per_weight == 16.0 and i.dtype == "float16" and i.label == "float16"
+    assert i.base_bits is None and i.overrides == 0 and i.elevated == {}
+    # llama tiny: embed 320x64, lm_head 320x64, 2 layers of q/k/v/o + 3 mlp + 2 norms, final norm
+    per_layer = 64 * 64 + 2 * (32 * 64) + 64 * 64 + 3 * (64 * 128) + 2 * 64
+    assert i.params == 2 * 320 * 64 + 2 * per_layer + 64
+    assert i.size_bytes == (tiny["llama"] / "model.safetensors").stat().st_size
+    assert i.tensor_bytes == 2 * i.params
+    assert i.model_type == "llama" and i.name == "llama"
+
+
+@pytest.mark.parametrize("name", [q[1] for q in QUANTS])
+def test_quant_params_equal_reference_params(tiny, name):
+    src = next(s for s, n, _ in QUANTS if n == name)
+    assert model_info(tiny[name]).params == model_info(tiny[src]).params
+
+
+def test_uniform_affine(tiny):
+    i = model_info(tiny["llama-q4"])
+    assert (i.quantized, i.mode, i.base_bits, i.group_size) == (True, "affine", 4, 64)
+    assert (
+        i.family == "RTN uniform" and "mlx_lm.convert" in i.family_basis and "DWQ" in i.family_basis
+    )
+    assert i.overrides == 0 and i.override_bits == {} and i.elevated == {}
+    assert i.n_quantized == 16 and i.label == "4-bit g64"
+    # 4 bits + an fp16 scale and bias per 64 weights = 4.5 bits inside quantised modules
+    assert i.quantized_bits_per_weight == pytest.approx(4.5)
+    assert i.by_role == {
+        "embed_tokens": {"4": 1},
+        "lm_head": {"4": 1},
+        "self_attn": {"4": 8},
+        "mlp": {"4": 6},
+    }
+    j = model_info(tiny["llama-q8g32"])
+    assert (j.base_bits, j.group_size, j.label) == (8, 32, "8-bit g32")
+    assert j.quantized_bits_per_weight == pytest.approx(8 + 32 / 32)
+
+
+@pytest.mark.parametrize(
+    "name, mode, gs, bits, qbpw",
+    [
+        ("llama-mxfp4", "mxfp4", 32, 4, 4 + 8 / 32),  # uint8 e8m0 scale per 32, no bias
+        ("llama-nvfp4", "nvfp4", 16, 4, 4 + 8 / 16),  # fp8 e4m3 scale per 16
+        ("llama-mxfp8", "mxfp8", 32, 8, 8 + 8 / 32),
+    ],
+)
+def test_float_quant_modes(tiny, name, mode, gs, bits, qbpw):
+    i = model_info(tiny[name])
+    assert (i.mode, i.group_size, i.base_bits, i.label) == (mode, gs, bits, mode)
+    assert i.quantized_bits_per_weight == pytest.approx(qbpw)
+    assert i.overrides == 0
+
+
+@pytest.mark.parametrize(
+    "name, recipe, base, high, elevated",
+    [
+        # llama, 2 layers: the rule's "more bits" layers are {1}: v_proj, down_proj, lm_head
+        (
+            "llama-m36",
+            "mixed_3_6",
+            3,
+            6,
+            {"lm_head": {"6": 1}, "self_attn": {"6": 1}, "mlp": {"6": 1}},
+        ),
+        (
+            "llama-m46",
+            "mixed_4_6",
+            4,
+            6,
+            {"lm_head": {"6": 1}, "self_attn": {"6": 1}, "mlp": {"6": 1}},
+        ),
+        (
+            "qwen3-m46",
+            "mixed_4_6",
+            4,
+            6,
+            {"lm_head": {"6": 1}, "self_attn": {"6": 1}, "mlp": {"6": 1}},
+        ),
+        # qwen3_5, 4 layers (1, 3 full attention; 0, 2 linear): more bits in layers {2, 3}
+        (
+            "qwen3_5-m36",
+            "mixed_3_6",
+            3,
+            6,
+            {"lm_head": {"6": 1}, "self_attn": {"6": 1}, "mlp": {"6": 2}},
+        ),
+        # MoE: down_proj of the experts and of the shared expert in layers 2 and 3
+        (
+            "moe-m36",
+            "mixed_3_6",
+            3,
+            6,
+            {
+                "lm_head": {"6": 1},
+                "self_attn": {"6": 1},
+                "shared_expert": {"6": 2},
+                "experts": {"6": 2},
+            },
+        ),
+    ],
+)
+def test_mixed_recipes(tiny, name, recipe, base, high, elevated):
+    i = model_info(tiny[name])
+    assert i.recipe == recipe and i.family == "RTN mixed"
+    assert i.base_bits == base and i.group_size == 64
+    n = sum(sum(h.values()) for h in elevated.values())
+    assert i.overrides == n == i.n_elevated
+    assert i.override_bits == {str(high): n}
+    assert i.elevated == elevated
+    assert i.label == f"{recipe} g64"
+
+
+def test_mixed_3_6_records_base_4_in_config(tiny):
+    """convert writes the q_bits it was given (4) at the top, though 3 bits cover most weights."""
+    i = model_info(tiny["llama-m36"])
+    assert i.config_bits == 4 and i.base_bits == 3
+
+
+def test_callable_predicate_embed_head(tiny):
+    i = model_info(tiny["llama-eh8"])
+    assert i.base_bits == 4 and i.group_size == 64 and i.recipe is None
+    assert i.family == "RTN mixed" and i.label == "4-bit g64 mixed"
+    assert i.elevated == {"embed_tokens": {"8": 1}, "lm_head": {"8": 1}}
+    assert i.overrides == 2 and i.override_bits == {"8": 2}
+
+
+def test_qwen3_5_linear_attention_elevated(tiny):
+    i = model_info(tiny["qwen3_5-custom"])
+    # 2 linear-attention layers x (in_proj_qkv, in_proj_z, in_proj_b, in_proj_a, out_proj)
+    assert i.elevated == {"linear_attn": {"6": 10}}
+    assert i.by_role["linear_attn"] == {"6": 10}
+    assert i.by_role["self_attn"] == {"4": 8}
+    assert i.n_float_matrices == 0 and i.overrides == 10
+
+
+def test_moe_routers_and_shared_experts(tiny):
+    q4 = model_info(tiny["moe-q4"])
+    # qwen3_5_moe's own quant_predicate keeps mlp.gate and shared_expert_gate at 8 bits
+    assert q4.elevated == {"router": {"8": 8}}
+    assert q4.family == "RTN mixed" and q4.base_bits == 4
+    assert q4.n_quantized == 52
+
+    c = model_info(tiny["moe-custom"])
+    # 4 layers x (mlp.gate, shared_expert_gate) left in float16; 4 x 3 shared-expert projections
+    # at 8 bits; 2 linear-attention layers x 5 projections at 6 bits
+    assert c.elevated == {
+        "linear_attn": {"6": 10},
+        "router": {"16": 8},
+        "shared_expert": {"8": 12},
+    }
+    assert c.n_float_matrices == 8
+    assert c.override_bits == {"6": 10, "8": 12, "16": 8}
+    assert c.overrides == 30
+    assert c.n_quantized == 52 - 8
+    assert c.by_role["experts"] == {"4": 12}
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["llama", "llama-q4", "llama-m36", "llama-eh8", "llama-mxfp4", "llama-nvfp4", "llama-mxfp8"],
+)
+def test_bits_per_weight_matches_mlx_lm(tiny, name):
+    from mlx_lm import load
+    from mlx_lm.utils import compute_bits_per_weight, get_total_parameters
+
+    model, _ = load(str(tiny[name]))
+    i = model_info(tiny[name])
+    assert i.params == get_total_parameters(model)
+    assert i.bits_per_weight == pytest.approx(compute_bits_per_weight(model), rel=1e-12)
+
+
+@pytest.mark.parametrize("name", ["qwen3_5", "qwen3_5-m36", "moe-q4", "moe-m36", "moe-custom"])
+def test_bits_per_weight_vs_mlx_lm_on_hybrid(tiny, name):
+    """mlx-lm counts parameters of leaf modules only, so it misses A_log and dt_bias, which sit on
+    the (non-leaf) gated delta net module; we count every tensor. Same bytes, 16 more params."""
+    from mlx_lm import load
+    from mlx_lm.utils import compute_bits_per_weight, get_total_parameters
+
+    model, _ = load(str(tiny[name]))
+    i = model_info(tiny[name])
+    header = read_safetensors_header(tiny[name] / "model.safetensors")
+    missed = sum(v["shape"][0] for k, v in header.items() if k.endswith((".A_log", ".dt_bias")))
+    assert missed == 16
+    assert i.params == get_total_parameters(model) + missed
+    mlx_bpw = compute_bits_per_weight(model)
+    assert i.tensor_bytes * 8 / (i.params - missed) == pytest.approx(mlx_bpw, rel=1e-12)
+    assert i.bits_per_weight < mlx_bpw
+
+
+def test_to_dict_is_json(tiny):
+    d = model_info(tiny["moe-custom"]).to_dict()
+    assert json.loads(json.dumps(d)) == d
+    assert set(d) >= {
+        "name",
+        "params",
+        "bits_per_weight",
+        "mode",
+        "base_bits",
+        "group_size",
+        "overrides",
+        "override_bits",
+        "elevated",
+        "family",
+        "dtype",
+        "size_bytes",
+    }
+
+
+def test_info_never_reads_the_name(tiny, tmp_path):
+    """A 4-bit quant in a directory called 8bit-mxfp8-mixed_3_6 is still a 4-bit affine quant."""
+    dst = tmp_path / "model-8bit-mxfp8-mixed_3_6-bf16"
+    shutil.copytree(tiny["llama-q4"], dst)
+    i = model_info(dst)
+    assert (i.base_bits, i.mode, i.recipe, i.dtype) == (4, "affine", None, "float16")
+    assert i.name == dst.name
+
+
+def test_config_tensor_mismatch_is_clear(tiny, tmp_path):
+    dst = tmp_path / "bad"
+    shutil.copytree(tiny["llama-q4"], dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["quantization"]["bits"] = 3
+    (dst / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelError, match="does not match the tensors") as e:
+        model_info(dst)
+    assert "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# model_info on hand-written configs: the family signatures of mlx-lm's quant scripts
+# ---------------------------------------------------------------------------------------------
+
+
+def _q_model(tmp_path, quantization, modules=("model.layers.0.mlp.down_proj", "lm_head"), bits=4):
+    tensors = {"model.norm.weight": ("F16", [64])}
+    for m in modules:
+        b = (
+            quantization.get(m, {}).get("bits", bits)
+            if isinstance(quantization.get(m), dict)
+            else bits
+        )
+        tensors[m + ".weight"] = ("U32", [64, 64 * b // 32])
+        tensors[m + ".scales"] = ("F16", [64, 1])
+        tensors[m + ".biases"] = ("F16", [64, 1])
+    return fake_model(
+        tmp_path, tensors=tensors, config={"model_type": "llama", "quantization": quantization}
+    )
+
+
+def test_family_awq(tmp_path):
+    q = {
+        "group_size": 64,
+        "bits": 4,
+        "model.layers.0.mlp.down_proj": {"group_size": 64, "bits": 4},
+        "lm_head": {"group_size": 64, "bits": 4},
+        "model.norm": False,
+    }
+    assert model_info(_q_model(tmp_path / "m", q)).family == "AWQ"
+
+
+def test_family_gptq(tmp_path):
+    q = {"bits": 4, "group_size": 64, "lm_head": {"bits": 6, "group_size": 64}}
+    i = model_info(_q_model(tmp_path / "m", q))
+    assert i.family == "GPTQ" and i.elevated == {"lm_head": {"6": 1}}
+
+
+def test_family_dynamic(tmp_path):
+    q = {
+        "group_size": 64,
+        "bits": 4,
+        "mode": "affine",
+        "model.layers.0.mlp.down_proj": {"bits": 6, "group_size": 64},
+    }
+    i = model_info(_q_model(tmp_path / "m", q))
+    assert i.family == "dynamic" and i.elevated == {"mlp": {"6": 1}}
+
+
+def test_family_explicit_quant_method(tmp_path):
+    q = {"group_size": 64, "bits": 4, "mode": "affine"}
+    m = _q_model(tmp_path / "m", q)
+    cfg = json.loads((m / "config.json").read_text())
+    cfg["quantization_config"] = {**q, "quant_method": "dwq"}
+    (m / "config.json").write_text(json.dumps(cfg))
+    i = model_info(m)
+    assert i.family == "DWQ" and "quant_method" in i.family_basis
+
+
+def test_family_unknown(tmp_path):
+    q = {"group_size": 64, "bits": 4, "mode": "affine", "lm_head": "weird"}
+    assert model_info(_q_model(tmp_path / "m", q)).family == "unknown"
+
+
+@pytest.mark.parametrize(
+    "path, role",
+    [
+        ("model.embed_tokens", "embed_tokens"),
+        ("language_model.lm_head", "lm_head"),
+        ("model.layers.0.self_attn.q_proj", "self_attn"),
+        ("model.layers.0.linear_attn.in_proj_qkv", "linear_attn"),
+        ("model.layers.0.mlp.gate_proj", "mlp"),
+        ("model.layers.0.mlp.gate", "router"),
+        ("model.layers.0.mlp.gate.gate_proj", "router"),
+        ("model.layers.0.block_sparse_moe.gate", "router"),
+        ("model.layers.0.mlp.shared_expert_gate", "router"),
+        ("model.layers.0.mlp.shared_expert.down_proj", "shared_expert"),
+        ("model.layers.0.mlp.switch_mlp.up_proj", "experts"),
+        ("model.norm", "other"),
+    ],
+)
+def test_tensor_role(path, role):
+    assert tensor_role(path) == role
+
+
+def test_display_name(tmp_path):
+    assert (
+        display_name(tmp_path / "hub" / "models--org--My-Model" / "snapshots" / COMMIT)
+        == "org/My-Model"
+    )
+    assert display_name(tmp_path / "SmolLM2-4bit") == "SmolLM2-4bit"
