@@ -497,7 +497,7 @@ class ModelInfo:
     label: str  # short quantisation label: "float16", "4-bit g64", "mixed_3_6 g64", "mxfp4"
     model_type: str | None
     dtype: str | None  # dtype of the unquantised float weights (norms, float matrices)
-    size_bytes: int  # the *.safetensors files on disk
+    weight_bytes: int  # the *.safetensors files on disk
     tensor_bytes: int  # tensor data only (no headers)
     params: int  # parameters of the unquantised model
     bits_per_weight: float  # tensor_bytes * 8 / params
@@ -555,9 +555,9 @@ def model_info(path: Path) -> ModelInfo:
         raise ModelError(f"{cfg_file} is not valid JSON ({e}); re-download or re-convert") from None
     files = weight_files(path)
     tensors: dict[str, dict] = {}
-    size_bytes = 0
+    weight_bytes = 0
     for f in files:
-        size_bytes += f.stat().st_size
+        weight_bytes += f.stat().st_size
         for k, v in read_safetensors_header(f).items():
             if k != "__metadata__":
                 tensors[k] = v
@@ -698,7 +698,7 @@ def model_info(path: Path) -> ModelInfo:
         label=label,
         model_type=config.get("model_type"),
         dtype=dtype,
-        size_bytes=size_bytes,
+        weight_bytes=weight_bytes,
         tensor_bytes=tensor_bytes,
         params=params,
         bits_per_weight=bpw,

@@ -526,7 +526,7 @@ def test_reference_info(tiny):
     # llama tiny: embed 320x64, lm_head 320x64, 2 layers of q/k/v/o + 3 mlp + 2 norms, final norm
     per_layer = 64 * 64 + 2 * (32 * 64) + 64 * 64 + 3 * (64 * 128) + 2 * 64
     assert i.params == 2 * 320 * 64 + 2 * per_layer + 64
-    assert i.size_bytes == (tiny["llama"] / "model.safetensors").stat().st_size
+    assert i.weight_bytes == (tiny["llama"] / "model.safetensors").stat().st_size
     assert i.tensor_bytes == 2 * i.params
     assert i.model_type == "llama" and i.name == "llama"
 
@@ -724,7 +724,7 @@ def test_to_dict_is_json(tiny):
         "elevated",
         "family",
         "dtype",
-        "size_bytes",
+        "weight_bytes",
     }
 
 
