@@ -1,0 +1,669 @@
+"""Corpora: our prompt set, WikiText-2, a user's file → token chunks and the positions scored.
+
+Three modes (see ``corpus_spec``):
+
+* ``short`` (default): ~50 prompts we wrote (``pytest_kld/data/prompts.jsonl``) in six categories
+  (prose, code, json, math, multilingual, chat). One prompt = one chunk, cut to ``n_ctx`` (512).
+* ``long``: the WikiText-2 raw test split, tokenised once and cut into ``n_chunks`` (32) chunks of
+  ``n_ctx`` (2048) tokens, the second half of each chunk scored, as llama.cpp's perplexity tool.
+* ``file``: a user's ``.txt`` (one document, chunked as ``long``), ``.jsonl`` or ``.parquet``
+  (one record = one chunk, as ``short``).
+
+Conventions (the same for every mode):
+
+* The output at position ``i`` of a chunk predicts token ``i + 1``; ``score_ranges[c] = (s, e)``
+  lists the output positions ``s <= i < e`` that are scored, with ``e <= len(chunk) - 1``.
+* A *record* (a prompt, a line of a .jsonl file) has an optional context (``prompt`` or the
+  earlier chat ``messages``) and a ``text``. The text is what is scored: the predictions of its
+  tokens and of the one token after it (with a chat template, the end-of-turn marker: when to
+  stop is part of the behaviour a quantisation may change). The context is never scored.
+* With a chat template (``chat_template=True`` and the tokenizer has one, and the record has a
+  context), the context is the user turn and the text the assistant's reply: for an instruct
+  model that is the in-distribution place to measure. Otherwise the record is plain text:
+  ``context + "\\n\\n" + text``.
+* No output position below ``score_offset`` (default 8) is scored in records: the first few
+  predictions of a context-free text are noise. Documents score from ``n_ctx // 2`` (llama.cpp's
+  ``first``) unless ``score_offset`` says otherwise.
+* BOS: when the tokenizer adds one (found by encoding a probe with and without special
+  tokens), records start with it unless their rendered text already does (mlx-lm's rule in
+  ``generate``); documents are tokenised once with it and each chunk's first token is replaced
+  by it, as llama.cpp does (the text token there is lost, in every chunk but the first).
+
+Nothing here imports mlx: tokenizers come in as objects (an mlx-lm ``TokenizerWrapper`` or a
+Hugging Face tokenizer: anything with ``encode(text, add_special_tokens=...)``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import CorpusError
+
+__all__ = [
+    "CorpusSpec",
+    "TokenizedCorpus",
+    "corpus_spec",
+    "tokenize_corpus",
+    "load_records",
+    "wikitext_text",
+    "WIKITEXT_REPO",
+    "WIKITEXT_FILE",
+]
+
+# Bump when any rule that changes token ids or scored positions changes: it is part of the key.
+FORMAT_VERSION = 1
+
+MODES = ("short", "long", "file")
+DEFAULT_N_CTX = {"short": 512, "long": 2048, "file": 512}
+DEFAULT_N_CHUNKS_LONG = 32
+DEFAULT_SCORE_OFFSET = 8
+
+PROMPTS_FILE = "prompts.jsonl"
+WIKITEXT_REPO = "Salesforce/wikitext"
+WIKITEXT_FILE = "wikitext-2-raw-v1/test-00000-of-00001.parquet"
+WIKITEXT_FETCH = (
+    "hf download Salesforce/wikitext --repo-type dataset --include 'wikitext-2-raw-v1/test-*'"
+)
+
+_FILE_FORMATS = {".txt": "txt", ".raw": "txt", ".jsonl": "jsonl", ".parquet": "parquet"}
+
+
+# --------------------------------------------------------------------------------------------
+# The spec: cheap, no tokenizer
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CorpusSpec:
+    """What to tokenise and how; identifies the corpus in the reference cache's key.
+
+    ``kind`` is ``"records"`` (one record = one chunk) or ``"document"`` (one long text cut into
+    ``n_ctx`` chunks). ``path`` is where the source was found on this machine; it is not part of
+    the key (moving a file does not change the corpus), ``sha256`` of its bytes is.
+    """
+
+    mode: str
+    kind: str
+    source: str  # for people: "bundled prompts.jsonl", "Salesforce/wikitext:<file>", a path
+    path: str
+    source_format: str  # "jsonl" | "parquet" | "txt" | "wikitext-parquet"
+    sha256: str
+    n_ctx: int
+    n_chunks: int | None  # records: first n records (None: all); document: at most n chunks
+    score_offset: int  # records: first output position that may be scored; document: first
+    chat_template: bool  # records only (False for documents: it changes nothing there)
+    default_category: str
+
+    def key_dict(self) -> dict:
+        """JSON-able; everything that changes the token ids or the scored positions."""
+        return {
+            "corpus_format": FORMAT_VERSION,
+            "mode": self.mode,
+            "kind": self.kind,
+            "source_format": self.source_format,
+            "sha256": self.sha256,
+            "n_ctx": self.n_ctx,
+            "n_chunks": self.n_chunks,
+            "score_offset": self.score_offset,
+            "chat_template": self.chat_template,
+            "category": self.default_category,
+        }
+
+    def describe(self) -> str:
+        """One line for a report header."""
+        n = "all" if self.n_chunks is None else self.n_chunks
+        what = "records" if self.kind == "records" else "chunks"
+        return f"{self.mode}: {self.source} ({n} {what}, n_ctx {self.n_ctx})"
+
+
+def _positive_int(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        try:
+            if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+                value = int(value)
+            else:
+                raise ValueError
+        except ValueError:
+            raise CorpusError(f"{name} must be an integer, got {value!r}") from None
+    value = int(value)
+    if value < minimum:
+        raise CorpusError(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _bundled_prompts() -> Path:
+    return Path(__file__).with_name("data") / PROMPTS_FILE
+
+
+def _require_pyarrow(path) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("pyarrow") is None:
+        raise CorpusError(
+            f"reading {path} needs pyarrow, which is not installed: "
+            "pip install 'pytest-kld[parquet]' (or pip install pyarrow)"
+        )
+
+
+def corpus_spec(
+    mode: str = "short",
+    *,
+    dataset: str | os.PathLike | None = None,
+    n_ctx: int | None = None,
+    n_chunks: int | None = None,
+    chat_template: bool = True,
+    score_offset: int | None = None,
+    category: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool | None = None,
+) -> CorpusSpec:
+    """Validate the settings and locate (and hash) the source; no tokenizer needed.
+
+    * ``mode``: ``"short"`` | ``"long"`` | ``"file"``. A ``dataset`` with mode ``short`` (the
+      default) means ``file``. With mode ``long``, a ``dataset`` (a ``.txt`` such as llama.cpp's
+      ``wiki.test.raw``, or a WikiText-style ``.parquet``) replaces the download.
+    * ``n_ctx``: tokens per chunk (default 512; 2048 in long mode).
+    * ``n_chunks``: records mode: use the first n records; document: at most n chunks (default
+      32 in long mode, all in file mode).
+    * ``score_offset``: records: no output position below it is scored (default 8); documents:
+      the first scored output position (default ``n_ctx // 2``).
+    * ``category``: the category of chunks that do not name one (default "file"; "wikitext").
+    * ``cache_dir`` / ``local_files_only`` (long mode): the Hugging Face hub cache to use
+      (default: ``HF_HUB_CACHE``, else ``HF_HOME``/hub, read now, not at import) and whether to
+      refuse the network (default: ``HF_HUB_OFFLINE``, read now). The cache is always tried
+      first, so a cached copy never touches the network.
+    """
+    if mode not in MODES:
+        raise CorpusError(f"unknown corpus mode {mode!r}: choose one of {', '.join(MODES)}")
+    if dataset is not None and str(dataset) == "":
+        dataset = None
+    if dataset is not None and mode == "short":
+        mode = "file"
+    if mode == "file" and dataset is None:
+        raise CorpusError("corpus mode 'file' needs a dataset: pass --kld-dataset PATH")
+    if not isinstance(chat_template, bool):
+        raise CorpusError(f"chat_template must be true or false, got {chat_template!r}")
+
+    n_ctx = _positive_int("n_ctx", DEFAULT_N_CTX[mode] if n_ctx is None else n_ctx, 2)
+    if n_chunks is not None:
+        n_chunks = _positive_int("n_chunks", n_chunks)
+    elif mode == "long":
+        n_chunks = DEFAULT_N_CHUNKS_LONG
+
+    if dataset is not None:
+        path = Path(dataset).expanduser()
+        fmt = _FILE_FORMATS.get(path.suffix.lower())
+        if fmt is None:
+            raise CorpusError(
+                f"{path}: unknown dataset type {path.suffix or '(no suffix)'!r}; "
+                "use a .txt (or .raw), .jsonl or .parquet file"
+            )
+        if not path.is_file():
+            raise CorpusError(f"{path}: dataset file not found; check the --kld-dataset path")
+        if fmt == "parquet":
+            _require_pyarrow(path)
+        if mode == "long":
+            if fmt == "jsonl":
+                raise CorpusError(
+                    f"{path}: long mode reads one document (.txt or WikiText .parquet); "
+                    "use --kld-mode short (file) for a .jsonl of records"
+                )
+            kind = "document"
+            fmt = "wikitext-parquet" if fmt == "parquet" else fmt
+        else:
+            kind = "document" if fmt == "txt" else "records"
+        source = str(path)
+        path = path.resolve()
+    elif mode == "short":
+        path, fmt, kind, source = _bundled_prompts(), "jsonl", "records", "bundled prompts.jsonl"
+        if not path.is_file():
+            raise CorpusError(
+                f"{path}: the bundled prompt set is missing; reinstall pytest-kld "
+                "(its package data was not installed)"
+            )
+    else:  # long, from the hub
+        _require_pyarrow(f"{WIKITEXT_REPO}:{WIKITEXT_FILE}")
+        path = _resolve_wikitext(cache_dir, local_files_only)
+        fmt, kind, source = "wikitext-parquet", "document", f"{WIKITEXT_REPO}:{WIKITEXT_FILE}"
+
+    if kind == "document":
+        first = n_ctx // 2 if score_offset is None else score_offset
+        score_offset = _positive_int("score_offset", first, 0)
+        if score_offset > n_ctx - 2:
+            raise CorpusError(
+                f"score_offset {score_offset} leaves nothing to score in chunks of "
+                f"n_ctx={n_ctx} tokens: it must be at most n_ctx - 2"
+            )
+        chat_template = False
+    else:
+        off = DEFAULT_SCORE_OFFSET if score_offset is None else score_offset
+        score_offset = _positive_int("score_offset", off, 0)
+        if score_offset > n_ctx - 2:
+            raise CorpusError(
+                f"score_offset {score_offset} leaves nothing to score with n_ctx={n_ctx}: "
+                "it must be at most n_ctx - 2"
+            )
+    if category is None:
+        category = {"short": "prompt", "long": "wikitext", "file": "file"}[mode]
+    elif not isinstance(category, str) or not category.strip():
+        raise CorpusError(f"category must be a non-empty string, got {category!r}")
+
+    return CorpusSpec(
+        mode=mode,
+        kind=kind,
+        source=source,
+        path=str(path),
+        source_format=fmt,
+        sha256=_sha256_file(path),
+        n_ctx=n_ctx,
+        n_chunks=n_chunks,
+        score_offset=score_offset,
+        chat_template=chat_template,
+        default_category=category,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# WikiText-2 through huggingface_hub
+# --------------------------------------------------------------------------------------------
+
+
+def _hub_cache_dir(cache_dir) -> str | None:
+    """The hub cache to use, from the environment as it is *now*.
+
+    huggingface_hub reads ``HF_HUB_CACHE`` once, at import; a test or a conftest that sets it
+    later would be ignored, so we read it here and pass ``cache_dir=`` explicitly.
+    """
+    if cache_dir is not None:
+        return str(Path(cache_dir).expanduser())
+    env = os.environ.get("HF_HUB_CACHE")
+    if env:
+        return str(Path(env).expanduser())
+    home = os.environ.get("HF_HOME")
+    if home:
+        return str(Path(home).expanduser() / "hub")
+    return None  # huggingface_hub's own default
+
+
+def _env_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _resolve_wikitext(cache_dir=None, local_files_only: bool | None = None) -> Path:
+    """Path of the WikiText-2 raw test parquet: from the cache, else (if allowed) downloaded."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    cache = _hub_cache_dir(cache_dir)
+    offline = _env_offline() if local_files_only is None else bool(local_files_only)
+    kwargs = dict(repo_id=WIKITEXT_REPO, repo_type="dataset", filename=WIKITEXT_FILE)
+    try:  # the cache first: no network when it is there
+        return Path(hf_hub_download(**kwargs, cache_dir=cache, local_files_only=True))
+    except LocalEntryNotFoundError:
+        pass
+    where = cache or "the default Hugging Face cache"
+    if offline:
+        raise CorpusError(
+            f"WikiText-2 ({WIKITEXT_REPO}:{WIKITEXT_FILE}) is not in {where} and the hub is "
+            f"offline: on a machine with network run `{WIKITEXT_FETCH}` (and copy that cache "
+            "here), or pass --kld-dataset wiki.test.raw"
+        )
+    try:
+        return Path(hf_hub_download(**kwargs, cache_dir=cache))
+    except Exception as exc:  # network, auth, disk: all end in the same advice
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CorpusError(
+            f"could not download WikiText-2 ({WIKITEXT_REPO}:{WIKITEXT_FILE}) into {where}: "
+            f"{first}; run `{WIKITEXT_FETCH}` on a machine with network, or pass "
+            "--kld-dataset wiki.test.raw"
+        ) from exc
+
+
+def _read_parquet_table(path: Path, columns_wanted: tuple[str, ...], required: str):
+    _require_pyarrow(path)
+    import pyarrow.parquet as pq
+
+    try:
+        schema = pq.read_schema(path)
+    except Exception as exc:
+        raise CorpusError(f"{path}: not a readable parquet file ({exc}); check the file") from exc
+    if required not in schema.names:
+        raise CorpusError(
+            f"{path}: no {required!r} column (columns: {', '.join(schema.names) or 'none'}); "
+            f"add a {required!r} column of strings"
+        )
+    cols = [c for c in columns_wanted if c in schema.names]
+    try:
+        table = pq.read_table(path, columns=cols)
+    except Exception as exc:
+        raise CorpusError(f"{path}: could not read parquet ({exc}); check the file") from exc
+    return {c: table.column(c).to_pylist() for c in cols}
+
+
+def wikitext_text(path: str | os.PathLike) -> str:
+    """The text of a WikiText parquet (``text`` rows), as llama.cpp reads ``wiki.test.raw``.
+
+    The Hugging Face conversion made one row per line of the original file and turned each
+    blank line (in the raw file a single space and a newline) into an empty row; every other row
+    keeps its newline. We undo that (empty row → ``" \\n"``) and concatenate, which rebuilds
+    ``wiki.test.raw``; then drop one trailing newline, as llama.cpp's ``-f`` does.
+    (Plain ``"".join(rows)`` would drop the blank lines between paragraphs and headings.)
+    """
+    path = Path(path)
+    rows = _read_parquet_table(path, ("text",), "text")["text"]
+    text = "".join(" \n" if not r else r for r in rows if r is not None)
+    return text[:-1] if text.endswith("\n") else text
+
+
+# --------------------------------------------------------------------------------------------
+# Records: the bundled prompts and users' .jsonl / .parquet files
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Record:
+    id: str
+    category: str
+    context: tuple[dict, ...]  # chat messages before the scored text ({"role", "content"})
+    text: str  # scored; with a chat template the last (assistant) message
+    role: str = "assistant"
+
+
+def _record_from_obj(obj, where: str, default_category: str, index: int) -> Record:
+    if not isinstance(obj, dict):
+        raise CorpusError(f"{where}: expected a JSON object with a 'text' field")
+    rid = obj.get("id")
+    rid = str(index) if rid is None else str(rid)
+    category = obj.get("category")
+    if category is None or category == "":
+        category = default_category
+    if not isinstance(category, str):
+        raise CorpusError(f"{where}: 'category' must be a string, got {category!r}")
+    if "messages" in obj and obj["messages"] is not None:
+        msgs = obj["messages"]
+        ok = isinstance(msgs, list) and msgs and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str)
+            for m in msgs
+        )
+        if not ok:
+            raise CorpusError(
+                f"{where}: 'messages' must be a non-empty list of "
+                '{"role": ..., "content": "..."} objects'
+            )
+        last = msgs[-1]
+        if not last["content"].strip():
+            raise CorpusError(f"{where}: the last message (the one scored) is empty")
+        context = tuple({"role": m["role"], "content": m["content"]} for m in msgs[:-1])
+        return Record(rid, category, context, last["content"], last["role"])
+    text = obj.get("text")
+    if text is None:
+        raise CorpusError(
+            f"{where}: no 'text' field (keys: {', '.join(map(str, obj)) or 'none'}); "
+            'each record needs "text" (or "messages")'
+        )
+    if not isinstance(text, str) or not text.strip():
+        raise CorpusError(f"{where}: 'text' must be a non-empty string")
+    prompt = obj.get("prompt")
+    if prompt is not None and not isinstance(prompt, str):
+        raise CorpusError(f"{where}: 'prompt' must be a string")
+    context = ({"role": "user", "content": prompt},) if prompt and prompt.strip() else ()
+    return Record(rid, category, context, text)
+
+
+def load_records(path: str | os.PathLike, fmt: str, default_category: str = "file") -> list[Record]:
+    """Records of a .jsonl (one JSON object a line) or .parquet (columns) file.
+
+    Fields: ``text`` (scored, required), optional ``prompt`` (context: the user turn), ``category``
+    and ``id``; or, in .jsonl, ``messages`` (chat messages; the last one is scored).
+    """
+    path = Path(path)
+    records: list[Record] = []
+    if fmt == "jsonl":
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as exc:
+            raise CorpusError(f"{path}: not UTF-8 text ({exc}); save it as UTF-8") from exc
+        for lineno, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            where = f"{path}, line {lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise CorpusError(f"{where}: bad JSON ({exc.msg} at column {exc.colno})") from None
+            records.append(_record_from_obj(obj, where, default_category, lineno))
+    elif fmt == "parquet":
+        cols = _read_parquet_table(path, ("text", "prompt", "category", "id"), "text")
+        for i in range(len(cols["text"])):
+            obj = {k: v[i] for k, v in cols.items()}
+            records.append(_record_from_obj(obj, f"{path}, row {i}", default_category, i))
+    else:  # pragma: no cover - guarded by corpus_spec
+        raise CorpusError(f"{path}: records are read from .jsonl or .parquet, not {fmt}")
+    if not records:
+        raise CorpusError(f"{path}: no records (the file is empty); add at least one text")
+    return records
+
+
+def _read_document(spec: CorpusSpec) -> str:
+    path = Path(spec.path)
+    if spec.source_format == "wikitext-parquet":
+        text = wikitext_text(path)
+    else:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise CorpusError(f"{spec.source}: not UTF-8 text ({exc}); save it as UTF-8") from exc
+        if text.endswith("\n"):  # llama.cpp's -f drops one trailing newline
+            text = text[:-1]
+    if not text.strip():
+        raise CorpusError(f"{spec.source}: the text is empty; give a file with text in it")
+    return text
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenising
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TokenizedCorpus:
+    chunks: list[np.ndarray]  # int32 token ids per chunk, each len <= n_ctx
+    score_ranges: list[tuple[int, int]]  # output positions [start, end) scored per chunk
+    categories: list[str]
+    identity: dict  # spec.key_dict() + counts + a digest of the ids and ranges
+    names: list[str] = field(default_factory=list)  # record id (or chunk index) per chunk
+
+    @property
+    def n_tokens(self) -> int:
+        return int(sum(len(c) for c in self.chunks))
+
+    @property
+    def n_scored(self) -> int:
+        return int(sum(e - s for s, e in self.score_ranges))
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    try:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+    except TypeError:  # a tokenizer without the keyword
+        ids = tokenizer.encode(text)
+    if hasattr(ids, "ids"):  # a raw `tokenizers.Encoding`
+        ids = ids.ids
+    return [int(t) for t in ids]
+
+
+def _bos_prefix(tokenizer) -> list[int]:
+    """The ids the tokenizer puts before a text when asked for special tokens (usually [BOS])."""
+    probe = "Hello world"
+    try:
+        with_special = [int(t) for t in tokenizer.encode(probe, add_special_tokens=True)]
+    except TypeError:
+        return []
+    plain = _encode(tokenizer, probe)
+    for i in range(len(with_special) - len(plain) + 1):
+        if with_special[i : i + len(plain)] == plain:
+            return with_special[:i]
+    return []
+
+
+def _has_chat_template(tokenizer) -> bool:
+    flag = getattr(tokenizer, "has_chat_template", None)
+    if isinstance(flag, bool):
+        return flag
+    return getattr(tokenizer, "chat_template", None) is not None
+
+
+class _Encoder:
+    """Encodes a string with the BOS rule and finds the tokens of a character span."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self.bos = _bos_prefix(tokenizer)
+        bos_token = getattr(tokenizer, "bos_token", None)
+        self.bos_token = bos_token if isinstance(bos_token, str) and bos_token else None
+
+    def ids(self, s: str) -> list[int]:
+        ids = _encode(self.tok, s)
+        if self.bos and not (self.bos_token and s.startswith(self.bos_token)):
+            ids = self.bos + ids
+        return ids
+
+    def with_span(self, s: str, cs: int, ce: int) -> tuple[list[int], int, int]:
+        """Ids of ``s`` and the token indices [a, b) holding characters [cs, ce).
+
+        Measured by encoding the prefixes ``s[:cs]`` and ``s[:ce]``: where a token straddles a
+        boundary, it counts as inside at the start and outside at the end.
+        """
+        ids = self.ids(s)
+        a = _common_prefix(ids, self.ids(s[:cs]))
+        b = _common_prefix(ids, self.ids(s[:ce]))
+        return ids, a, max(a, b)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _render_record(enc: _Encoder, rec: Record, use_template: bool):
+    """Ids of one record and the token span [a, b) of its scored text."""
+    text = rec.text
+    if use_template and rec.context:
+        messages = [dict(m) for m in rec.context] + [{"role": rec.role, "content": text}]
+        try:
+            rendered = enc.tok.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=False
+            )
+        except Exception as exc:
+            raise CorpusError(
+                f"record {rec.id!r}: the tokenizer's chat template failed ({exc}); "
+                "fix the record's messages or turn the chat template off (chat_template=False)"
+            ) from exc
+        cs = rendered.rfind(text)
+        stripped = text.strip()
+        if cs < 0 and stripped:
+            text, cs = stripped, rendered.rfind(stripped)
+        if cs < 0:
+            raise CorpusError(
+                f"record {rec.id!r}: the chat template rewrote the text, so its tokens cannot be "
+                "found; use chat_template=False for this tokenizer"
+            )
+        return enc.with_span(rendered, cs, cs + len(text))
+    parts = [m["content"] for m in rec.context if m["content"]]
+    prefix = "".join(p + "\n\n" for p in parts)
+    full = prefix + text
+    return enc.with_span(full, len(prefix), len(full))
+
+
+def _identity(spec: CorpusSpec, chunks, ranges) -> dict:
+    h = hashlib.sha256()
+    for c, (s, e) in zip(chunks, ranges):
+        h.update(np.asarray([len(c), s, e], dtype="<i8").tobytes())
+        h.update(np.asarray(c, dtype="<i4").tobytes())
+    return {
+        **spec.key_dict(),
+        "chunks": len(chunks),
+        "tokens": int(sum(len(c) for c in chunks)),
+        "scored": int(sum(e - s for s, e in ranges)),
+        "token_sha256": h.hexdigest(),
+    }
+
+
+def tokenize_corpus(spec: CorpusSpec, tokenizer) -> TokenizedCorpus:
+    """Token chunks and scored ranges of ``spec`` with ``tokenizer`` (see the module doc)."""
+    if not isinstance(spec, CorpusSpec):
+        raise TypeError("tokenize_corpus needs a CorpusSpec: build one with corpus_spec()")
+    if Path(spec.path).is_file() and _sha256_file(Path(spec.path)) != spec.sha256:
+        raise CorpusError(
+            f"{spec.source}: the file changed since the corpus spec was made; build the spec again"
+        )
+    enc = _Encoder(tokenizer)
+    if spec.kind == "document":
+        return _tokenize_document(spec, enc)
+    return _tokenize_records(spec, enc)
+
+
+def _tokenize_records(spec: CorpusSpec, enc: _Encoder) -> TokenizedCorpus:
+    records = load_records(spec.path, spec.source_format, spec.default_category)
+    if spec.n_chunks is not None:
+        records = records[: spec.n_chunks]
+    use_template = spec.chat_template and _has_chat_template(enc.tok)
+    chunks, ranges, cats, names = [], [], [], []
+    for rec in records:
+        ids, a, b = _render_record(enc, rec, use_template)
+        ids = ids[: spec.n_ctx]
+        start = max(a - 1, spec.score_offset)
+        end = min(b, len(ids) - 1)
+        if end <= start:
+            raise CorpusError(
+                f"{spec.source}: record {rec.id!r} leaves no position to score with "
+                f"n_ctx={spec.n_ctx} (its scored text starts at token {a}); raise n_ctx "
+                "(--kld-n-ctx) or shorten the record's prompt"
+            )
+        chunks.append(np.asarray(ids, dtype=np.int32))
+        ranges.append((int(start), int(end)))
+        cats.append(rec.category)
+        names.append(rec.id)
+    return TokenizedCorpus(chunks, ranges, cats, _identity(spec, chunks, ranges), names)
+
+
+def _tokenize_document(spec: CorpusSpec, enc: _Encoder) -> TokenizedCorpus:
+    text = _read_document(spec)
+    ids = np.asarray(enc.ids(text), dtype=np.int32)
+    n_ctx = spec.n_ctx
+    available = len(ids) // n_ctx
+    if available == 0:
+        raise CorpusError(
+            f"{spec.source}: the text is only {len(ids)} tokens, less than one chunk of "
+            f"n_ctx={n_ctx}; use a longer text or a smaller --kld-n-ctx"
+        )
+    n = available if spec.n_chunks is None else min(spec.n_chunks, available)
+    bos = np.asarray(enc.bos, dtype=np.int32)
+    chunks, ranges = [], []
+    for i in range(n):
+        chunk = ids[i * n_ctx : (i + 1) * n_ctx].copy()
+        if len(bos):  # llama.cpp: the first token of every chunk becomes BOS
+            chunk[: len(bos)] = bos
+        chunks.append(chunk)
+        ranges.append((spec.score_offset, n_ctx - 1))
+    cats = [spec.default_category] * n
+    names = [f"chunk-{i}" for i in range(n)]
+    return TokenizedCorpus(chunks, ranges, cats, _identity(spec, chunks, ranges), names)
