@@ -485,7 +485,9 @@ class ModelInfo:
 
     Bits are per weight of the *unquantised* parameter count: ``bits_per_weight`` is every
     tensor's bytes (quantised weights, scales, biases, norms...) x 8 / ``params``, the figure
-    ``mlx_lm.utils.compute_bits_per_weight`` prints for a loaded model. The "base" quantisation
+    ``mlx_lm.utils.compute_bits_per_weight`` prints for a loaded model, except that mlx-lm counts
+    parameters of leaf modules only (it misses e.g. ``A_log``/``dt_bias`` of Qwen3.5's gated
+    delta net, so it reads a little higher there); we count every tensor. The "base" quantisation
     is the (bits, group size, mode) that covers the most parameters; ``overrides`` counts the
     weight matrices stored otherwise (other bits, group size or mode, or left in float inside a
     quantised model), ``override_bits`` is their histogram (float matrices under their dtype's
