@@ -326,6 +326,7 @@ def _resolve_wikitext(cache_dir=None, local_files_only: bool | None = None) -> P
         return Path(hf_hub_download(**kwargs, cache_dir=cache))
     except Exception as exc:  # network, auth, disk: all end in the same advice
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first if len(first) <= 160 else first[:157] + "..."
         raise CorpusError(
             f"could not download WikiText-2 ({WIKITEXT_REPO}:{WIKITEXT_FILE}) into {where}: "
             f"{first}; run `{WIKITEXT_FETCH}` on a machine with network, or pass "
@@ -575,7 +576,7 @@ def _render_record(enc: _Encoder, rec: Record, use_template: bool):
         except Exception as exc:
             raise CorpusError(
                 f"record {rec.id!r}: the tokenizer's chat template failed ({exc}); "
-                "fix the record's messages or turn the chat template off (chat_template=False)"
+                "fix the record's messages or turn the template off (--kld-no-chat-template)"
             ) from exc
         cs = rendered.rfind(text)
         stripped = text.strip()
@@ -584,7 +585,7 @@ def _render_record(enc: _Encoder, rec: Record, use_template: bool):
         if cs < 0:
             raise CorpusError(
                 f"record {rec.id!r}: the chat template rewrote the text, so its tokens cannot be "
-                "found; use chat_template=False for this tokenizer"
+                "found; turn the template off for this tokenizer (--kld-no-chat-template)"
             )
         return enc.with_span(rendered, cs, cs + len(text))
     parts = [m["content"] for m in rec.context if m["content"]]

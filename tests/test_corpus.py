@@ -310,7 +310,7 @@ WIKI_ROWS = [
     "",
     " = = Section = = \n",
     "",
-] + [f" Sentence number {i} of the section , repeated to make the text long . \n" for i in range(30)]
+] + [f" Sentence number {i} of the section , repeated to make it long . \n" for i in range(30)]
 WIKI_RAW = "".join(r if r else " \n" for r in WIKI_ROWS)[:-1]
 
 
@@ -595,3 +595,39 @@ def test_bad_parquet(tmp_path, tok):
     pq.write_table(pa.table({"text": pa.array([], pa.string())}), h)
     with pytest.raises(CorpusError, match="no records"):
         tokenize_corpus(corpus_spec(dataset=h), tok)
+
+
+def test_wikitext_download_path(tmp_path, monkeypatch):
+    """Not cached and online: one download into the cache we name; failures → one line."""
+    pytest.importorskip("pyarrow")
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    staged = lay_out_hub_cache(tmp_path / "elsewhere", WIKI_ROWS)
+    calls = []
+
+    def fake_download(**kw):
+        calls.append(kw)
+        if kw.get("local_files_only"):
+            raise LocalEntryNotFoundError("not cached")
+        return str(staged)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    spec = corpus_spec("long")
+    assert Path(spec.path) == staged
+    assert [c.get("local_files_only", False) for c in calls] == [True, False]
+    assert all(c["cache_dir"] == str(tmp_path / "home" / "hub") for c in calls)  # HF_HOME, now
+    assert calls[0]["repo_id"] == "Salesforce/wikitext" and calls[0]["repo_type"] == "dataset"
+
+    def failing(**kw):
+        if kw.get("local_files_only"):
+            raise LocalEntryNotFoundError("not cached")
+        raise ConnectionError("Name or service not known\nmore detail")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", failing)
+    with pytest.raises(CorpusError, match="could not download WikiText-2.*Name or service") as err:
+        corpus_spec("long")
+    assert "hf download Salesforce/wikitext" in one_line(err.value)
