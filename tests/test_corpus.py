@@ -22,9 +22,24 @@ from pytest_kld.testing import write_tokenizer
 # --------------------------------------------------------------------------------------------
 
 
-def _make_tokenizer(path: Path, *, bos: bool = False, template: bool = True) -> Path:
-    write_tokenizer(path)
+# A strict template, like Gemma's or Mistral's: user/assistant alternation only, content trimmed.
+STRICT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant') }}"
+    "{% endif %}"
+    "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] | trim + '<|im_end|>\\n' }}"
+    "{% endfor %}"
+)
+
+
+def _make_tokenizer(
+    path: Path, *, bos: bool = False, template: bool = True, merges: int = 0, strict=False
+) -> Path:
+    write_tokenizer(path, merges=merges)
     cfg = json.loads((path / "tokenizer_config.json").read_text())
+    if strict:
+        cfg["chat_template"] = STRICT_TEMPLATE
     if bos:
         from tokenizers import Tokenizer, processors
 
@@ -63,6 +78,21 @@ def tok_plain(tmp_path_factory):
     from mlx_lm.utils import load_tokenizer
 
     return load_tokenizer(_make_tokenizer(tmp_path_factory.mktemp("tokplain"), template=False))
+
+
+@pytest.fixture(scope="module")
+def tok_merges(tmp_path_factory):
+    """Merged tokens ("th", "the", "an", ...): token boundaries no longer one per byte."""
+    from mlx_lm.utils import load_tokenizer
+
+    return load_tokenizer(_make_tokenizer(tmp_path_factory.mktemp("tokm"), merges=6))
+
+
+@pytest.fixture(scope="module")
+def tok_strict(tmp_path_factory):
+    from mlx_lm.utils import load_tokenizer
+
+    return load_tokenizer(_make_tokenizer(tmp_path_factory.mktemp("toks"), strict=True))
 
 
 def ids_of(tok, s: str) -> list[int]:
@@ -631,3 +661,61 @@ def test_wikitext_download_path(tmp_path, monkeypatch):
     with pytest.raises(CorpusError, match="could not download WikiText-2.*Name or service") as err:
         corpus_spec("long")
     assert "hf download Salesforce/wikitext" in one_line(err.value)
+
+
+def test_bundled_chats_suit_strict_templates(tok_strict, tmp_path):
+    """Only user/assistant turns, alternating from the user: Gemma- or Mistral-style templates
+    (which refuse a system turn) render every bundled prompt."""
+    for r in C.load_records(C._bundled_prompts(), "jsonl"):
+        roles = [m["role"] for m in r.context] + [r.role]
+        assert roles == ["user", "assistant"] * (len(roles) // 2), r.id
+    tc = tokenize_corpus(corpus_spec(n_ctx=4096), tok_strict)
+    check_ranges(tc, 4096)
+    records = C.load_records(C._bundled_prompts(), "jsonl")
+    for c, (s, e), rec in zip(tc.chunks, tc.score_ranges, records):
+        assert tok_strict.decode(c[s + 1 : e].tolist()) == rec.text.strip()
+    # a user's record with a system turn: one line, naming the record and the way out
+    f = write_jsonl(
+        tmp_path / "sys.jsonl",
+        [
+            {
+                "id": "s1",
+                "messages": [
+                    {"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": "Hi"},
+                    {"role": "assistant", "content": "Hello there, how can I help?"},
+                ],
+            }
+        ],
+    )
+    with pytest.raises(CorpusError, match="record 's1'.*roles must alternate") as err:
+        tokenize_corpus(corpus_spec(dataset=f), tok_strict)
+    assert "--kld-no-chat-template" in one_line(err.value)
+    assert tokenize_corpus(corpus_spec(dataset=f, chat_template=False), tok_strict).chunks
+
+
+def test_merged_tokens_spans(tok_merges):
+    """With merges, the scored span still starts at the reply's first token and ends with the
+    end-of-turn prediction; without the template, at the first token after the blank line."""
+    records = C.load_records(C._bundled_prompts(), "jsonl")
+    im_end = ids_of(tok_merges, "<|im_end|>")[0]
+    tc = tokenize_corpus(corpus_spec(n_ctx=4096), tok_merges)
+    for c, (s, e), rec in zip(tc.chunks, tc.score_ranges, records):
+        assert c[s + 1 : e].tolist() == ids_of(tok_merges, rec.text)
+        assert c[e] == im_end
+    plain = tokenize_corpus(corpus_spec(n_ctx=4096, chat_template=False), tok_merges)
+    for c, (s, e), rec in zip(plain.chunks, plain.score_ranges, records):
+        assert c[s + 1 :].tolist() == ids_of(tok_merges, rec.text)
+
+
+def test_with_a_tiny_model_loaded_by_mlx_lm(tmp_path):
+    """The tokenizer exactly as the engine gets it: ``mlx_lm.load`` on a tiny model dir."""
+    import mlx_lm
+
+    from pytest_kld.testing import build_model
+
+    path = build_model(tmp_path / "tiny", "qwen3")
+    _, tok = mlx_lm.load(str(path))
+    tc = tokenize_corpus(corpus_spec(n_chunks=6), tok)
+    check_ranges(tc, 512)
+    assert len(set(tc.categories)) == 6
