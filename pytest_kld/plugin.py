@@ -1,1 +1,469 @@
-"""pytest-kld's pytest plugin (options, fixtures, hooks). No mlx import at module top."""
+"""pytest-kld's pytest surface: options, ini keys, the ``kld`` marker, fixtures, the terminal
+leaderboard and the JSON report.
+
+Thin by design: no numerics here, and nothing heavy at import time. pytest imports every
+installed plugin on every run, so mlx, mlx_lm and numpy are imported only when a test first asks
+for a KLD fixture.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+import pytest
+
+# name: (type, default, help). Each is --kld-<name> and the ini key kld_<name>; the option wins.
+OPTIONS = {
+    "reference": (str, None, "reference model: a local MLX model directory or a hub id"),
+    "revision": (str, None, "hub revision (branch, tag or commit) of the reference"),
+    "mode": (str, "short", "corpus: short (bundled prompts), long (WikiText-2) or file (--kld-dataset)"),
+    "dataset": (str, None, "a .txt, .jsonl or .parquet corpus file (sets mode to file)"),
+    "top-k": (int, 256, "log-probs kept per scored position in the reference cache"),
+    "n-ctx": (int, None, "tokens per chunk (mode default: short 512, long 2048, file 512)"),
+    "n-chunks": (int, None, "chunks of WikiText-2 in long mode (default 32)"),
+    "chunk-tokens": (int, 512, "tokens per forward pass within a chunk (0: whole chunk)"),
+    "exec": (str, "auto", "execution precision: auto, native or float32 (dequantised; fast on CPU)"),
+    "cache-dir": (str, None, "reference cache directory (default: $PYTEST_KLD_CACHE_DIR or the user cache)"),
+    "json": (str, None, "write settings, versions and every result to this JSON file"),
+    "markdown": (str, None, "write the leaderboard as a Markdown table (e.g. $GITHUB_STEP_SUMMARY)"),
+    "chart": (str, None, "write a PNG chart of mean KLD against bits per weight"),
+}
+FLAGS = {
+    "rebuild": "rebuild the reference cache once this session, even if a valid one exists",
+    "by-category": "add mean KLD per corpus category to the leaderboard",
+    "no-chat-template": "short mode: feed prompts as plain text, not through the chat template",
+    "trust-remote-code": "allow models whose config names custom Python code",
+}
+MARKER_KEYS = {"reference", "revision", "mode", "dataset", "top_k", "n_ctx", "n_chunks", "chunk_tokens", "exec"}
+THRESHOLDS_LOW = ("mean", "median", "p90", "p95", "p99", "p99_9", "max")
+THRESHOLDS = THRESHOLDS_LOW + ("top1",)
+
+_SESSION = pytest.StashKey["KldSession"]()
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("kld", "KL divergence of quantised models (pytest-kld)")
+    for name, (typ, default, help_) in OPTIONS.items():
+        shown = "" if default is None else f" (default: {default})"
+        group.addoption(f"--kld-{name}", dest=f"kld_{name.replace('-', '_')}", type=typ, default=None,
+                        metavar=name.split("-")[-1].upper(), help=help_ + shown)
+        parser.addini(f"kld_{name.replace('-', '_')}", help_ + shown, default=None)
+    for name, help_ in FLAGS.items():
+        group.addoption(f"--kld-{name}", dest=f"kld_{name.replace('-', '_')}", action="store_true",
+                        default=None, help=help_)
+        parser.addini(f"kld_{name.replace('-', '_')}", help_, type="bool", default=False)
+
+
+def _setting(config, name: str):
+    """The option's value if given on the command line, else the ini key's, else the default."""
+    key = f"kld_{name.replace('-', '_')}"
+    value = config.getoption(key, default=None)
+    if value is None:
+        value = config.getini(key)
+        if value in (None, "", []):
+            value = None
+        elif name in OPTIONS and OPTIONS[name][0] is int:
+            try:
+                value = int(value)
+            except ValueError:
+                raise pytest.UsageError(f"ini key {key} = {value!r} is not an integer") from None
+    if value is None:
+        value = OPTIONS[name][1] if name in OPTIONS else False
+    return value
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "kld(reference=None, mode=None, dataset=None, top_k=None, n_ctx=None, n_chunks=None, "
+        "chunk_tokens=None, exec=None): per-test pytest-kld settings",
+    )
+    settings = {name.replace("-", "_"): _setting(config, name) for name in [*OPTIONS, *FLAGS]}
+    if settings["mode"] not in ("short", "long", "file"):
+        raise pytest.UsageError(f"--kld-mode {settings['mode']!r}: choose short, long or file")
+    if settings["exec"] not in ("auto", "native", "float32"):
+        raise pytest.UsageError(f"--kld-exec {settings['exec']!r}: choose auto, native or float32")
+    for name in ("top_k", "n_ctx", "n_chunks"):
+        if settings[name] is not None and settings[name] < 1:
+            raise pytest.UsageError(f"--kld-{name.replace('_', '-')} must be at least 1, got {settings[name]}")
+    if settings["chunk_tokens"] < 0:
+        raise pytest.UsageError(f"--kld-chunk-tokens must be 0 or more, got {settings['chunk_tokens']}")
+    workerinput = getattr(config, "workerinput", None)
+    start = float(workerinput["kld_session_start"]) if workerinput and "kld_session_start" in workerinput else time.time()
+    session = KldSession(config, settings, start)
+    config.stash[_SESSION] = session
+    config.pluginmanager.register(session, "kld-session")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+    """xdist controller: hand the session's start time to each worker (one rebuild per session)."""
+    session = node.config.stash.get(_SESSION, None)
+    if session is not None:
+        node.workerinput["kld_session_start"] = session.start
+
+
+class KldSession:
+    """The run's pytest-kld state: settings, loaded caches, rows collected from reports."""
+
+    def __init__(self, config, settings: dict, start: float):
+        self.config = config
+        self.settings = settings
+        self.start = start
+        self.caches: dict = {}
+        self.rows: list[dict] = []
+        self.final_rows: list[dict] = []
+        self.report_error: str | None = None
+
+    def effective(self, overrides: dict) -> dict:
+        s = dict(self.settings)
+        s.update({k: v for k, v in overrides.items() if v is not None})
+        if s.get("dataset") and "mode" not in overrides and s["mode"] == "short":
+            s["mode"] = "file"
+        return s
+
+    def cache(self, s: dict):
+        """The reference cache for settings ``s``: built once, loaded once per process."""
+        from .corpus import corpus_spec
+        from .reference import Settings, ensure_reference
+
+        if not s.get("reference"):
+            raise _NoReference()
+        spec = corpus_spec(
+            s["mode"],
+            dataset=s.get("dataset"),
+            n_ctx=s.get("n_ctx"),
+            n_chunks=s.get("n_chunks"),
+            chat_template=not s.get("no_chat_template"),
+        )
+        settings = Settings(top_k=int(s["top_k"]), chunk_tokens=int(s["chunk_tokens"]), exec=s["exec"])
+        key = (s["reference"], s.get("revision"), repr(spec), settings, s.get("cache_dir"))
+        if key not in self.caches:
+            try:
+                self.caches[key] = ensure_reference(
+                    s["reference"],
+                    spec,
+                    settings,
+                    cache_dir=s.get("cache_dir"),
+                    revision=s.get("revision"),
+                    rebuild_before=self.start if s.get("rebuild") else None,
+                    progress=Progress(self.config, f"{s['reference']} [{spec.mode}]"),
+                    trust_remote_code=bool(s.get("trust_remote_code")),
+                )
+            except Exception as e:  # remembered: later tests fail fast with the same line
+                self.caches[key] = e
+        if isinstance(self.caches[key], Exception):
+            raise self.caches[key]
+        return self.caches[key]
+
+    # -- hooks (this object is registered as a plugin; on the xdist controller it sees every
+    #    worker's reports, so the rows of all workers arrive here)
+
+    def pytest_runtest_logreport(self, report):
+        if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
+            for key, value in getattr(report, "user_properties", []):
+                if key == "kld_row":
+                    row = json.loads(value)
+                    row["outcome"] = report.outcome
+                    self.rows.append(row)
+
+    def pytest_sessionfinish(self, session, exitstatus):
+        if hasattr(self.config, "workerinput") or not self.rows:
+            return
+        rows = self.final_rows = _unique_rows(self.rows)
+        s = self.settings
+        try:
+            if s.get("json"):
+                _write_json(s["json"], self, rows)
+            if s.get("markdown") or s.get("chart"):
+                from . import export
+                from .report import header_line
+
+                if s.get("markdown"):
+                    export.write_markdown(rows, s["markdown"], {"title": header_line(rows)})
+                if s.get("chart"):
+                    export.write_chart(rows, s["chart"])
+        except Exception as e:  # a report that cannot be written must not pass silently
+            self.report_error = f"pytest-kld: could not write a report: {e}"
+            if exitstatus == 0:
+                session.exitstatus = pytest.ExitCode.INTERNAL_ERROR
+
+    def pytest_terminal_summary(self, terminalreporter, exitstatus, config):
+        if hasattr(config, "workerinput") or not self.final_rows:
+            return
+        try:
+            from .report import header_line, leaderboard_lines
+
+            tr = terminalreporter
+            tr.write_sep("=", "pytest-kld leaderboard")
+            tr.write_line(header_line(self.final_rows))
+            for line in leaderboard_lines(self.final_rows, by_category=bool(self.settings.get("by_category"))):
+                tr.write_line(line)
+            if self.report_error:
+                tr.write_line(self.report_error, red=True)
+        except Exception as e:  # never raise in the summary
+            terminalreporter.write_line(f"pytest-kld: could not print the leaderboard: {e}")
+
+
+class _NoReference(Exception):
+    pass
+
+
+NO_REFERENCE = (
+    "pytest-kld: no reference model set: pass --kld-reference=MODEL (a local MLX model directory "
+    "or hub id), set kld_reference in [tool.pytest.ini_options], or use @pytest.mark.kld(reference=...)"
+)
+
+
+class Progress:
+    """A build progress line (tokens, tok/s, ETA) on the real terminal, through output capture."""
+
+    def __init__(self, config, label: str):
+        self.config = config
+        self.label = label
+        self.t0 = None
+        self.last = 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.time()
+        if self.t0 is None:
+            self.t0 = now
+        if done < total and now - self.last < 0.5:
+            return
+        self.last = now
+        rate = done / max(now - self.t0, 1e-9)
+        eta = (total - done) / rate if rate > 0 else math.inf
+        line = (
+            f"pytest-kld: building reference cache {self.label}: {done}/{total} tokens, "
+            f"{rate:,.0f} tok/s, ETA {eta:,.0f}s"
+        )
+        capman = self.config.pluginmanager.getplugin("capturemanager")
+        end = "\n" if done >= total or not sys.stderr.isatty() else "\r"
+        if capman is not None:
+            with capman.global_and_fixture_disabled():
+                sys.stderr.write(line + end)
+                sys.stderr.flush()
+        else:
+            sys.stderr.write(line + end)
+
+
+def _session(config) -> KldSession:
+    return config.stash[_SESSION]
+
+
+def _marker_overrides(node) -> dict:
+    out = {}
+    for mark in reversed(list(node.iter_markers("kld"))):  # closest marker wins
+        unknown = set(mark.kwargs) - MARKER_KEYS
+        if unknown or mark.args:
+            pytest.fail(
+                f"@pytest.mark.kld: unknown setting(s) {sorted(unknown) or list(mark.args)}; "
+                f"known: {', '.join(sorted(MARKER_KEYS))}",
+                pytrace=False,
+            )
+        out.update(mark.kwargs)
+    return out
+
+
+def _fail_kld(e) -> None:
+    __tracebackhide__ = True
+    pytest.fail(str(e), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def kld_session(pytestconfig) -> KldSession:
+    """The run's pytest-kld state (settings as resolved from options and ini keys)."""
+    return _session(pytestconfig)
+
+
+def _cache_for(kld_session, s):
+    __tracebackhide__ = True
+    from .errors import KldError
+
+    try:
+        return kld_session.cache(s)
+    except _NoReference:
+        pytest.fail(NO_REFERENCE, pytrace=False)
+    except KldError as e:
+        _fail_kld(e)
+
+
+@pytest.fixture(scope="session")
+def kld_reference(kld_session):
+    """The session's reference cache (a ReferenceCache): built lazily on first use, under a file
+    lock, so xdist workers build it once and all load the same bytes."""
+    return _cache_for(kld_session, kld_session.effective({}))
+
+
+@pytest.fixture
+def kld_compare(request, kld_session):
+    """``kld_compare(model, name=None, exec=None) -> KldResult``: compare with no thresholds
+    (the test's ``@pytest.mark.kld`` settings apply)."""
+    from .errors import KldError
+
+    s = kld_session.effective(_marker_overrides(request.node))
+    cache = _cache_for(kld_session, s)
+
+    def run(model, *, name=None, exec=None):
+        from .compare import compare
+
+        __tracebackhide__ = True
+        try:
+            result = compare(
+                cache,
+                model,
+                exec=exec or (None if s["exec"] == "auto" else s["exec"]),
+                chunk_tokens=int(s["chunk_tokens"]),
+                name=name,
+                trust_remote_code=bool(s.get("trust_remote_code")),
+            )
+        except KldError as e:
+            _fail_kld(e)
+        _record(request.node, result)
+        return result
+
+    return run
+
+
+def _record(node, result) -> None:
+    from .report import result_row
+
+    row = result_row(result)
+    row["nodeid"] = node.nodeid
+    s = result.summary
+    for key in ("mean", "p99", "max", "top1"):
+        if s.get(key) is not None:
+            node.user_properties.append((f"kld_{key}", s[key]))
+    node.user_properties.append(("kld_model", result.model))
+    node.user_properties.append(("kld_row", json.dumps(row, default=_jsonable)))
+
+
+def _jsonable(x):
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return str(x)
+
+
+def check_thresholds(result, thresholds: dict, categories: dict | None = None) -> list[str]:
+    """Lines for each threshold the result breaks (empty: all met)."""
+    problems = []
+
+    def check(summary: dict, limits: dict, where: str):
+        for key, allowed in limits.items():
+            got = summary.get(key)
+            if got is None or (isinstance(got, float) and math.isnan(got)):
+                problems.append(f"{where}{key}: no value (no finite positions)")
+            elif key == "top1" and got < allowed:
+                problems.append(f"{where}top1: {got:.4f} < allowed minimum {allowed:.4f}")
+            elif key != "top1" and got > allowed:
+                problems.append(f"{where}{key}: {got:.6g} > allowed {allowed:.6g} (by {got - allowed:.3g}, {got / allowed - 1:+.0%})" if allowed > 0 else f"{where}{key}: {got:.6g} > allowed {allowed:.6g}")
+
+    check(result.summary, thresholds, "")
+    for cat, limits in (categories or {}).items():
+        if cat not in result.categories:
+            problems.append(f"category {cat!r}: not in this corpus (has: {', '.join(sorted(result.categories))})")
+            continue
+        check(result.categories[cat], limits, f"[{cat}] ")
+    return problems
+
+
+def validate_thresholds(limits: dict, where: str = "assert_kld") -> dict:
+    """Refuse unknown keywords and nonsensical values with one line."""
+    from .errors import ThresholdError
+
+    out = {}
+    for key, value in limits.items():
+        if key not in THRESHOLDS:
+            raise ThresholdError(f"{where}: unknown threshold {key!r}; known: {', '.join(THRESHOLDS)}")
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ThresholdError(f"{where}: threshold {key}={value!r} must be a finite number")
+        if value < 0:
+            raise ThresholdError(f"{where}: threshold {key}={value!r} is negative; KLD is never below 0")
+        if key == "top1" and value > 1:
+            raise ThresholdError(f"{where}: threshold top1={value!r} is a fraction and must be at most 1")
+        out[key] = float(value)
+    return out
+
+
+@pytest.fixture
+def assert_kld(request, kld_session):
+    """``assert_kld(model, *, mean=None, median=None, p90=None, p95=None, p99=None, p99_9=None,
+    max=None, top1=None, categories=None, name=None, exec=None) -> KldResult``
+
+    Compares ``model`` with the reference and fails the test, in one message, on every threshold
+    it breaks: KLD figures (nats, KL(reference || quant)) must be at most their value, top1 (the
+    share of positions where both models' top token agree) at least its value. ``categories``
+    maps a corpus category to its own thresholds, e.g. ``{"code": {"mean": 0.05}}``.
+    """
+    from .errors import KldError
+
+    def run(model, *, categories=None, name=None, exec=None, **limits):
+        __tracebackhide__ = True
+        try:
+            thresholds = validate_thresholds(limits)
+            cats = {}
+            for cat, lim in (categories or {}).items():
+                if not isinstance(lim, dict):
+                    raise KldError(f"assert_kld: categories[{cat!r}] must be a dict of thresholds, got {lim!r}")
+                cats[cat] = validate_thresholds(lim, f"assert_kld categories[{cat!r}]")
+        except KldError as e:
+            _fail_kld(e)
+        result = request.getfixturevalue("kld_compare")(model, name=name, exec=exec)
+        problems = check_thresholds(result, thresholds, cats)
+        nonfinite = result.summary.get("nonfinite", 0)
+        if nonfinite:
+            problems.insert(0, f"{nonfinite} of {nonfinite + result.summary['count']} positions had NaN or inf log-probs")
+        if problems:
+            s = result.settings
+            head = (
+                f"KLD over threshold for {result.model} against {result.reference.get('name')} "
+                f"({result.direction}; mode {s.get('corpus', {}).get('mode')}, K={s.get('top_k')}, "
+                f"exec {result.exec}, {result.summary['count']} positions):"
+            )
+            hint = "If the new figures are expected, raise the thresholds in the test."
+            pytest.fail("\n".join([head, *("  " + p for p in problems), hint]), pytrace=False)
+        return result
+
+    return run
+
+
+def _unique_rows(rows: list[dict]) -> list[dict]:
+    """One row per (model, reference, mode, K, exec); a failed outcome wins over a pass."""
+    out: dict = {}
+    for r in rows:
+        key = (r.get("path"), r.get("reference"), r.get("mode"), r.get("top_k"), r.get("exec"))
+        if key not in out or r.get("outcome") == "failed":
+            out[key] = r
+    return list(out.values())
+
+
+def _write_json(path: str, kld: KldSession, rows: list[dict]) -> None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for pkg in ("pytest-kld", "mlx", "mlx-lm", "numpy", "pytest", "huggingface_hub"):
+        try:
+            versions[pkg] = version(pkg)
+        except PackageNotFoundError:
+            versions[pkg] = None
+    doc = {
+        "direction": "KL(reference || quant)",
+        "settings": {k: v for k, v in kld.settings.items()},
+        "versions": versions,
+        "python": sys.version.split()[0],
+        "platform": sys.platform,
+        "results": rows,
+    }
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(doc, f, indent=2, default=_jsonable)
+    os.replace(tmp, path)
+
+

@@ -1,0 +1,207 @@
+"""The core engine on tiny llama, qwen3, qwen3_5 (hybrid linear attention) and qwen3_5_moe models
+with random, peaked weights and mlx-lm quantisations of them (issue 2's must-show list)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from pytest_kld.compare import compare
+from pytest_kld.divergence import dense_kl
+from pytest_kld.errors import CacheError, TokenizerMismatch
+from pytest_kld.forward import chunk_logprobs, load_model
+from pytest_kld.reference import ReferenceCache, Settings, ensure_reference
+
+
+@pytest.fixture
+def cache_for(tiny_model, prose_spec, tmp_path_factory):
+    root = tmp_path_factory.mktemp("kld-cache")
+
+    def get(arch, top_k=256, chunk_tokens=16, spec=None):
+        return ensure_reference(
+            tiny_model(arch),
+            spec or prose_spec,
+            Settings(top_k=top_k, chunk_tokens=chunk_tokens),
+            cache_dir=root,
+        )
+
+    return get
+
+
+def test_self_comparison_is_zero(arch, tiny_model, cache_for):
+    cache = cache_for(arch)
+    r = compare(cache, tiny_model(arch))
+    assert r.summary["count"] == cache.n_positions > 500
+    assert np.all(r.kl <= 1e-6), r.kl.max()
+    assert r.summary["mean"] <= 1e-7
+    assert r.summary["top1"] == 1.0
+    assert r.is_reference
+
+
+def test_quant_order(arch, tiny_model, cache_for):
+    cache = cache_for(arch)
+    means = {b: compare(cache, tiny_model(arch, bits=b)).summary["mean"] for b in (8, 4, 3)}
+    assert 0 < means[8] < means[4] < means[3], means
+
+
+def test_chunking_agrees(arch, tiny_model, cache_for):
+    cache = cache_for(arch, chunk_tokens=16)
+    q = tiny_model(arch, bits=4)
+    means = [compare(cache, q, chunk_tokens=ct).summary["mean"] for ct in (16, 64, 0)]
+    for m in means[1:]:
+        assert m == pytest.approx(means[0], rel=1e-4)
+
+
+def test_chunked_pass_equals_unchunked_logprobs(arch, tiny_model, prose_spec):
+    lm = load_model(tiny_model(arch), "float32")
+    ids = np.array(lm.tokenizer.encode("The river rose slowly through the night. " * 6), dtype=np.int32)
+    n = len(ids)
+    full = np.array(chunk_logprobs(lm.model, ids, 0, n - 1))
+    for ct in (1, 7, 16, 64):
+        part = np.array(chunk_logprobs(lm.model, ids, 5, n - 1, chunk_tokens=ct))
+        # float32 rounding only: a broken KV cache gives differences of order 1
+        np.testing.assert_allclose(part, full[5:], atol=5e-4, rtol=0)
+
+
+def _dense(model_path, cache):
+    """Dense float32 log-probs of every scored position, straight from the model (no reference
+    cache), with the cache's chunking so that only the KL arithmetic differs."""
+    lm = load_model(model_path, "float32")
+    ct = cache.settings.chunk_tokens
+    out = []
+    for i in range(cache.n_chunks):
+        s, e = (int(v) for v in cache.score_ranges[i])
+        out.append(np.array(chunk_logprobs(
+            lm.model, cache.chunk(i)[:e], s, e, chunk_tokens=ct, vocab=cache.manifest["vocab_size"]
+        )))
+    lm.release()
+    return np.concatenate(out)
+
+
+@pytest.mark.parametrize("arch_", ["llama", "qwen3_5_moe"])
+def test_sparse_against_dense_float64(arch_, tiny_model, cache_for, record_property):
+    vocab = 320
+    full = cache_for(arch_, top_k=vocab)
+    assert full.top_k == vocab and np.all(np.isneginf(full.tail))
+    ref_dense = _dense(tiny_model(arch_), full)
+    for bits in (4, 3):
+        q = tiny_model(arch_, bits=bits)
+        dense = dense_kl(ref_dense, _dense(q, full))
+        exact = compare(full, q)
+        # Per position the float32 log-softmax leaves ~1e-6 nats of rounding; the mean is exact
+        # to 1e-5 relative.
+        np.testing.assert_allclose(exact.kl, dense, rtol=1e-4, atol=1e-5)
+        assert exact.summary["mean"] == pytest.approx(dense.mean(), rel=1e-5)
+        for k in (16, 64, 256):
+            sparse = compare(cache_for(arch_, top_k=k), q)
+            # The tail as one bin is a lower bound on the dense KL, position by position.
+            over = sparse.kl - dense
+            assert np.all(over <= 1e-5 + 2e-6 * dense), (k, over.max())  # float32 rounding
+            bias = sparse.summary["mean"] / dense.mean() - 1
+            record_property(f"bias_{arch_}_q{bits}_k{k}", round(bias, 5))
+            print(f"{arch_} {bits}-bit K={k}: sparse mean {sparse.summary['mean']:.5f} dense {dense.mean():.5f} bias {bias:+.3%}")
+            assert -0.5 < bias <= 1e-6
+
+
+def test_tail_mass_has_no_cancellation(tiny_model, cache_for):
+    cache = cache_for("llama", top_k=256)
+    ref = _dense(tiny_model("llama"), cache).astype(np.float64)
+    ids = cache.topk_ids.astype(np.int64)
+    mask = np.ones_like(ref, dtype=bool)
+    np.put_along_axis(mask, ids, False, axis=-1)
+    exact_tail = np.logaddexp.reduce(np.where(mask, ref, -np.inf), axis=-1)
+    # Tails far below float32's epsilon are still right to float32 precision in log space.
+    assert exact_tail.min() < -20
+    np.testing.assert_allclose(cache.tail, exact_tail, rtol=1e-4, atol=1e-4)
+    # Top-K log-probs are sorted, most probable first.
+    assert np.all(np.diff(cache.topk_logprobs, axis=1) <= 0)
+
+
+def test_cache_is_small_and_typed(cache_for):
+    cache = cache_for("llama", top_k=256)
+    assert cache.topk_ids.dtype == np.uint16  # 320-token vocabulary
+    assert cache.topk_logprobs.dtype == np.float32
+    # ids (2 bytes) + log-probs (4 bytes) per entry, tail and target log-probs: 6K + 8 bytes.
+    assert cache.manifest["bytes_per_position"] == 6 * 256 + 8
+
+
+def test_cache_reused_not_rebuilt(tiny_model, prose_spec, tmp_path):
+    builds = []
+    kw = dict(cache_dir=tmp_path, on_build=builds.append)
+    a = ensure_reference(tiny_model("llama"), prose_spec, Settings(top_k=8), **kw)
+    b = ensure_reference(tiny_model("llama"), prose_spec, Settings(top_k=8), **kw)
+    assert len(builds) == 1 and a.path == b.path
+    c = ensure_reference(tiny_model("llama"), prose_spec, Settings(top_k=8), rebuild=True, **kw)
+    assert len(builds) == 2 and c.path == a.path
+    d = ensure_reference(tiny_model("llama"), prose_spec, Settings(top_k=16), **kw)
+    assert len(builds) == 3 and d.path != a.path
+
+
+def _corrupt_cases():
+    def truncate(p):
+        a = p / "arrays.safetensors"
+        a.write_bytes(a.read_bytes()[:-100])
+
+    def flip(p):
+        a = p / "arrays.safetensors"
+        b = bytearray(a.read_bytes())
+        b[-7] ^= 0x01
+        a.write_bytes(bytes(b))
+
+    def edit_manifest(p):
+        m = p / "manifest.json"
+        d = json.loads(m.read_text())
+        d["settings"]["top_k"] = 7
+        m.write_text(json.dumps(d))
+
+    def garbage_manifest(p):
+        (p / "manifest.json").write_text("{not json")
+
+    def remove_arrays(p):
+        (p / "arrays.safetensors").unlink()
+
+    return {
+        "truncated": (truncate, "truncated"),
+        "byte flipped": (flip, "checksum"),
+        "manifest edited": (edit_manifest, "edited"),
+        "manifest garbage": (garbage_manifest, "does not parse"),
+        "arrays missing": (remove_arrays, "missing"),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_corrupt_cases()))
+def test_corrupt_cache_refused(case, tiny_model, prose_spec, tmp_path):
+    damage, words = _corrupt_cases()[case]
+    cache = ensure_reference(tiny_model("llama"), prose_spec, Settings(top_k=8), cache_dir=tmp_path)
+    damage(cache.path)
+    for attempt in (
+        lambda: ReferenceCache.load(cache.path),
+        lambda: ensure_reference(tiny_model("llama"), prose_spec, Settings(top_k=8), cache_dir=tmp_path),
+    ):
+        with pytest.raises(CacheError) as e:
+            attempt()
+        msg = str(e.value)
+        assert "\n" not in msg and str(cache.path) in msg and words in msg and "--kld-rebuild" in msg
+    # The option it names does rebuild it.
+    again = ensure_reference(tiny_model("llama"), prose_spec, Settings(top_k=8), cache_dir=tmp_path, rebuild=True)
+    assert ReferenceCache.load(again.path).n_positions == cache.n_positions
+
+
+def test_tokenizer_mismatch_refused(tiny_model, cache_for, tmp_path):
+    from pytest_kld.testing import build_model
+
+    other = build_model(tmp_path / "other-tok", "llama", tokenizer_merges=4)
+    with pytest.raises(TokenizerMismatch) as e:
+        compare(cache_for("llama"), other)
+    assert "tokenizer mismatch" in str(e.value) and "other-tok" in str(e.value)
+
+
+def test_padding_rows_are_fine(tiny_model, cache_for, tmp_path):
+    """A comparison model with more (padding) output rows is compared over the reference's ids."""
+    from pytest_kld.testing import build_model
+
+    wide = build_model(tmp_path / "wide", "llama", vocab_size=384)
+    r = compare(cache_for("llama"), wide)
+    assert np.all(np.isfinite(r.kl)) and r.summary["mean"] > 0
