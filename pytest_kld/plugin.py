@@ -230,9 +230,12 @@ class Progress:
 
     def __call__(self, done: int, total: int) -> None:
         now = time.time()
-        if self.t0 is None:
-            self.t0 = now
-        if done < total and now - self.last < 0.5:
+        if self.t0 is None or done == 0:
+            self.t0, self.last = now, now
+            self._write(f"pytest-kld: building reference cache {self.label}: {total} tokens to run", "\n")
+            return
+        tty = sys.stderr.isatty()
+        if done < total and now - self.last < (0.5 if tty else 15.0):
             return
         self.last = now
         rate = done / max(now - self.t0, 1e-9)
@@ -241,14 +244,17 @@ class Progress:
             f"pytest-kld: building reference cache {self.label}: {done}/{total} tokens, "
             f"{rate:,.0f} tok/s, ETA {eta:,.0f}s"
         )
+        self._write(line, "\n" if done >= total or not tty else "\r")
+
+    def _write(self, line: str, end: str) -> None:
         capman = self.config.pluginmanager.getplugin("capturemanager")
-        end = "\n" if done >= total or not sys.stderr.isatty() else "\r"
         if capman is not None:
             with capman.global_and_fixture_disabled():
                 sys.stderr.write(line + end)
                 sys.stderr.flush()
         else:
             sys.stderr.write(line + end)
+            sys.stderr.flush()
 
 
 def _session(config) -> KldSession:
@@ -269,11 +275,6 @@ def _marker_overrides(node) -> dict:
     return out
 
 
-def _fail_kld(e) -> None:
-    __tracebackhide__ = True
-    pytest.fail(str(e), pytrace=False)
-
-
 @pytest.fixture(scope="session")
 def kld_session(pytestconfig) -> KldSession:
     """The run's pytest-kld state (settings as resolved from options and ini keys)."""
@@ -287,9 +288,10 @@ def _cache_for(kld_session, s):
     try:
         return kld_session.cache(s)
     except _NoReference:
-        pytest.fail(NO_REFERENCE, pytrace=False)
+        message = NO_REFERENCE
     except KldError as e:
-        _fail_kld(e)
+        message = str(e)
+    pytest.fail(message, pytrace=False)  # outside the except: no chained traceback
 
 
 @pytest.fixture(scope="session")
@@ -322,7 +324,9 @@ def kld_compare(request, kld_session):
                 trust_remote_code=bool(s.get("trust_remote_code")),
             )
         except KldError as e:
-            _fail_kld(e)
+            result, message = None, str(e)
+        if result is None:
+            pytest.fail(message, pytrace=False)
         _record(request.node, result)
         return result
 
@@ -406,6 +410,7 @@ def assert_kld(request, kld_session):
 
     def run(model, *, categories=None, name=None, exec=None, **limits):
         __tracebackhide__ = True
+        message = None
         try:
             thresholds = validate_thresholds(limits)
             cats = {}
@@ -414,7 +419,9 @@ def assert_kld(request, kld_session):
                     raise KldError(f"assert_kld: categories[{cat!r}] must be a dict of thresholds, got {lim!r}")
                 cats[cat] = validate_thresholds(lim, f"assert_kld categories[{cat!r}]")
         except KldError as e:
-            _fail_kld(e)
+            message = str(e)
+        if message:
+            pytest.fail(message, pytrace=False)
         result = request.getfixturevalue("kld_compare")(model, name=name, exec=exec)
         problems = check_thresholds(result, thresholds, cats)
         nonfinite = result.summary.get("nonfinite", 0)

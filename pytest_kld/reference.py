@@ -378,6 +378,8 @@ def _build(plan: ReferencePlan, *, progress=None, trust_remote_code: bool = Fals
         if progress is not None:
             progress(done, total)
 
+    if progress is not None:
+        progress(0, total)
     ids_l, lp_l, tail_l, tgt_l = [], [], [], []
     for i, lp in iter_corpus_logprobs(
         lm.model, chunks, ranges, chunk_tokens=plan.settings.chunk_tokens, vocab=vocab, progress=tick

@@ -34,7 +34,8 @@ def result_row(result, outcome: str | None = None) -> dict:
     wb = info.get("weight_bytes")
     mean = s.get("mean")
     return {
-        "model": result.model,
+        "model": display_name(result.model),
+        "model_arg": result.model,
         "path": result.path,
         "direction": DIRECTION,
         "is_reference": bool(result.is_reference),
@@ -53,6 +54,17 @@ def result_row(result, outcome: str | None = None) -> dict:
         "outcome": outcome,
         **{k: s.get(k) for k in ("mean", "se", "median", "p95", "p99", "max", "top1", "count", "nonfinite")},
     }
+
+
+def display_name(model: str) -> str:
+    """A short name for the table: a hub id as given, a local path by its last component(s)."""
+    import os
+
+    text = str(model).rstrip("/\\")
+    if text.startswith((".", "/", "~")) or os.path.isdir(text):
+        parts = [p for p in text.replace("\\", "/").split("/") if p not in ("", ".", "..", "~")]
+        return "/".join(parts[-1:]) or text
+    return text
 
 
 def _fmt(fmt: str, v) -> str:
