@@ -98,6 +98,7 @@ def compare(
     ``exec`` defaults to the exec the reference was built with, and ``chunk_tokens`` to its
     chunking, so self-comparison reproduces the reference's numbers exactly.
     """
+    from .blas import prefer_system_blas
     from .divergence import compare_rows
     from .forward import iter_corpus_logprobs, load_model
     from .models import resolve_model, weights_fingerprint
@@ -163,7 +164,7 @@ def compare(
         path=str(path),
         exec=exec_used,
         reference=dict(cache.manifest["reference"]),
-        settings={**settings, "corpus": cache.manifest.get("corpus", {})},
+        settings={**settings, "corpus": cache.manifest.get("corpus", {}), "blas": prefer_system_blas()},
         summary=summary,
         categories=categories,
         info=info,

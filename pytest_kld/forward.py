@@ -31,6 +31,9 @@ def resolve_exec(exec_mode: str) -> str:
         raise KldError(f"unknown exec mode {exec_mode!r}: choose one of {', '.join(EXEC_MODES)}")
     if exec_mode != "auto":
         return exec_mode
+    from .blas import prefer_system_blas
+
+    prefer_system_blas()
     import mlx.core as mx
 
     gpu = mx.metal.is_available()
@@ -128,6 +131,9 @@ class LoadedModel:
 
 def load_model(path: Path, exec_mode: str = "auto", *, trust_remote_code: bool = False) -> LoadedModel:
     """Load the MLX model directory ``path`` (already resolved) for ``exec_mode``."""
+    from .blas import prefer_system_blas
+
+    prefer_system_blas()
     import mlx.core as mx
     from mlx_lm.utils import load
 

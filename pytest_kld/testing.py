@@ -135,6 +135,9 @@ def build_model(
     ``peak`` scales the output projection so next-token distributions are peaked (a realistic
     entropy, not a near-uniform one, so that quantisation changes KL measurably).
     """
+    from .blas import prefer_system_blas
+
+    prefer_system_blas()
     import mlx.core as mx
     import mlx.nn as nn
     from mlx.utils import tree_flatten, tree_map_with_path
@@ -199,6 +202,9 @@ def quantize(
     import contextlib
     import io
 
+    from .blas import prefer_system_blas
+
+    prefer_system_blas()
     from mlx_lm import convert
 
     with contextlib.redirect_stdout(io.StringIO()):

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from pytest_kld.blas import prefer_system_blas
 from pytest_kld.testing import ARCHS, build_model, quantize
+
+# Before anything imports mlx: MLX's float32 matmuls on the system OpenBLAS (see pytest_kld/blas.py).
+BLAS = prefer_system_blas()
 
 PROSE = (
     "The river rose slowly through the night, and by morning the lower fields were under a "
