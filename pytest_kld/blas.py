@@ -6,6 +6,9 @@ first imported makes MLX's BLAS calls resolve to it: ~90 GFLOPS, the same result
 rounding (measured by ``benchmarks/bench_blas.py``). It is the same effect as
 ``LD_PRELOAD=.../libopenblas.so.0``, without asking the user to set it.
 
+Where it comes from: the ``cmeel-openblas`` wheel from PyPI (a dependency on Linux: OpenBLAS
+built as a plain shared library), else a system OpenBLAS (Debian's ``libopenblas0-pthread``).
+
 ``PYTEST_KLD_BLAS``: ``auto`` (default: the first OpenBLAS found, Linux only), ``bundled``
 (leave MLX's own BLAS), or the path of a BLAS library to load. Nothing happens when mlx was
 already imported (binding then would be partial) or on macOS (MLX uses Accelerate/Metal).
@@ -30,6 +33,16 @@ CANDIDATES = (
 _STATE: dict = {}
 
 
+def _wheel_openblas() -> list[str]:
+    """OpenBLAS from the cmeel-openblas wheel, in any directory on sys.path."""
+    out = []
+    for entry in sys.path:
+        lib = os.path.join(entry or ".", "cmeel.prefix", "lib", "libopenblas.so.0")
+        if os.path.exists(lib):
+            out.append(lib)
+    return out
+
+
 def _preloaded() -> str | None:
     for lib in os.environ.get("LD_PRELOAD", "").replace(":", " ").split():
         if "blas" in os.path.basename(lib):
@@ -52,8 +65,12 @@ def prefer_system_blas() -> str:
     elif "mlx.core" in sys.modules:
         desc = "mlx bundled (mlx was imported before pytest-kld could load OpenBLAS)"
     else:
-        paths = [choice] if choice != "auto" else [*CANDIDATES, ctypes.util.find_library("openblas")]
-        desc = "mlx bundled (no OpenBLAS found: apt-get install libopenblas0-pthread)"
+        paths = (
+            [choice]
+            if choice != "auto"
+            else [*_wheel_openblas(), *CANDIDATES, ctypes.util.find_library("openblas")]
+        )
+        desc = "mlx bundled (no OpenBLAS found: pip install cmeel-openblas)"
         for path in paths:
             if not path or (os.path.isabs(path) and not os.path.exists(path)):
                 continue
