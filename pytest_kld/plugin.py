@@ -17,20 +17,21 @@ import time
 import pytest
 
 # name: (type, default, help). Each is --kld-<name> and the ini key kld_<name>; the option wins.
+# A default of None is described by the help text's own "(default: ...)".
 OPTIONS = {
-    "reference": (str, None, "reference model: a local MLX model directory or a hub id"),
-    "revision": (str, None, "hub revision (branch, tag or commit) of the reference"),
+    "reference": (str, None, "reference model: a local MLX model directory or a hub id (default: none; KLD tests error without one)"),
+    "revision": (str, None, "hub revision (branch, tag or commit) of the reference (default: the main branch)"),
     "mode": (str, "short", "corpus: short (bundled prompts), long (WikiText-2) or file (--kld-dataset)"),
-    "dataset": (str, None, "a .txt, .jsonl or .parquet corpus file (sets mode to file)"),
+    "dataset": (str, None, "a .txt, .jsonl or .parquet corpus file (sets mode to file) (default: none)"),
     "top-k": (int, 256, "log-probs kept per scored position in the reference cache"),
-    "n-ctx": (int, None, "tokens per chunk (mode default: short 512, long 2048, file 512)"),
-    "n-chunks": (int, None, "chunks of WikiText-2 in long mode (default 32)"),
+    "n-ctx": (int, None, "tokens per chunk (default by mode: short 512, long 2048, file 512)"),
+    "n-chunks": (int, None, "first N records (short, file) or at most N chunks (long) (default: all; long 32)"),
     "chunk-tokens": (int, 512, "tokens per forward pass within a chunk (0: whole chunk)"),
     "exec": (str, "auto", "execution precision: auto, native or float32 (dequantised; fast on CPU)"),
     "cache-dir": (str, None, "reference cache directory (default: $PYTEST_KLD_CACHE_DIR or the user cache)"),
-    "json": (str, None, "write settings, versions and every result to this JSON file"),
-    "markdown": (str, None, "write the leaderboard as a Markdown table (e.g. $GITHUB_STEP_SUMMARY)"),
-    "chart": (str, None, "write a PNG chart of mean KLD against bits per weight"),
+    "json": (str, None, "write settings, versions and every result to this JSON file (default: none)"),
+    "markdown": (str, None, "write the leaderboard as a Markdown table, e.g. $GITHUB_STEP_SUMMARY (default: none)"),
+    "chart": (str, None, "write a PNG chart of mean KLD against bits per weight (default: none)"),
 }
 FLAGS = {
     "rebuild": "rebuild the reference cache once this session, even if a valid one exists",
@@ -38,24 +39,35 @@ FLAGS = {
     "no-chat-template": "short mode: feed prompts as plain text, not through the chat template",
     "trust-remote-code": "allow models whose config names custom Python code",
 }
+CHOICES = {"mode": ("short", "long", "file"), "exec": ("auto", "native", "float32")}
+INT_MINIMUM = {"top_k": 1, "n_ctx": 2, "n_chunks": 1, "chunk_tokens": 0}
 MARKER_KEYS = {"reference", "revision", "mode", "dataset", "top_k", "n_ctx", "n_chunks", "chunk_tokens", "exec"}
 THRESHOLDS_LOW = ("mean", "median", "p90", "p95", "p99", "p99_9", "max")
 THRESHOLDS = THRESHOLDS_LOW + ("top1",)
+# Integer ini keys are typed where pytest can (8.4+), so native TOML ([tool.pytest]) takes 64.
+_INI_INT = "int" if tuple(int(x) for x in pytest.__version__.split(".")[:2] if x.isdigit()) >= (8, 4) else None
 
 _SESSION = pytest.StashKey["KldSession"]()
+_ROWS = pytest.StashKey[list]()  # rows recorded by a test item, not yet attached to a report
 
 
 def pytest_addoption(parser):
     group = parser.getgroup("kld", "KL divergence of quantised models (pytest-kld)")
     for name, (typ, default, help_) in OPTIONS.items():
         shown = "" if default is None else f" (default: {default})"
-        group.addoption(f"--kld-{name}", dest=f"kld_{name.replace('-', '_')}", type=typ, default=None,
-                        metavar=name.split("-")[-1].upper(), help=help_ + shown)
-        parser.addini(f"kld_{name.replace('-', '_')}", help_ + shown, default=None)
+        key = f"kld_{name.replace('-', '_')}"
+        group.addoption(f"--kld-{name}", dest=key, type=typ, default=None,
+                        metavar=name.split("-")[-1].upper(), help=f"{help_}{shown}; ini: {key}")
+        parser.addini(key, help_ + shown, type=_INI_INT if typ is int else None, default=None)
     for name, help_ in FLAGS.items():
-        group.addoption(f"--kld-{name}", dest=f"kld_{name.replace('-', '_')}", action="store_true",
-                        default=None, help=help_)
-        parser.addini(f"kld_{name.replace('-', '_')}", help_, type="bool", default=False)
+        key = f"kld_{name.replace('-', '_')}"
+        group.addoption(f"--kld-{name}", dest=key, action="store_true",
+                        default=None, help=f"{help_} (default: off); ini: {key}")
+        parser.addini(key, help_ + " (default: false)", type="bool", default=False)
+
+
+def _one_of(choices) -> str:
+    return ", ".join(choices[:-1]) + " or " + choices[-1]
 
 
 def _setting(config, name: str):
@@ -63,7 +75,10 @@ def _setting(config, name: str):
     key = f"kld_{name.replace('-', '_')}"
     value = config.getoption(key, default=None)
     if value is None:
-        value = config.getini(key)
+        try:
+            value = config.getini(key)
+        except (pytest.UsageError, ValueError, TypeError) as e:  # pytest's own words lack the key
+            raise pytest.UsageError(f"ini key {key}: {e}") from None
         if value in (None, "", []):
             value = None
         elif name in OPTIONS and OPTIONS[name][0] is int:
@@ -83,15 +98,17 @@ def pytest_configure(config):
         "chunk_tokens=None, exec=None): per-test pytest-kld settings",
     )
     settings = {name.replace("-", "_"): _setting(config, name) for name in [*OPTIONS, *FLAGS]}
-    if settings["mode"] not in ("short", "long", "file"):
-        raise pytest.UsageError(f"--kld-mode {settings['mode']!r}: choose short, long or file")
-    if settings["exec"] not in ("auto", "native", "float32"):
-        raise pytest.UsageError(f"--kld-exec {settings['exec']!r}: choose auto, native or float32")
-    for name in ("top_k", "n_ctx", "n_chunks"):
-        if settings[name] is not None and settings[name] < 1:
-            raise pytest.UsageError(f"--kld-{name.replace('_', '-')} must be at least 1, got {settings[name]}")
-    if settings["chunk_tokens"] < 0:
-        raise pytest.UsageError(f"--kld-chunk-tokens must be 0 or more, got {settings['chunk_tokens']}")
+    for name, choices in CHOICES.items():
+        if settings[name] not in choices:
+            raise pytest.UsageError(f"--kld-{name} {settings[name]!r}: choose {_one_of(choices)}")
+    for name, low in INT_MINIMUM.items():
+        if settings[name] is not None and settings[name] < low:
+            raise pytest.UsageError(f"--kld-{name.replace('_', '-')} must be at least {low}, got {settings[name]}")
+    for name in ("json", "markdown", "chart"):  # fail now, not after an hour of comparisons
+        if settings[name]:
+            parent = os.path.dirname(os.path.abspath(os.path.expanduser(settings[name])))
+            if not os.path.isdir(parent):
+                raise pytest.UsageError(f"--kld-{name} {settings[name]}: directory {parent} does not exist")
     workerinput = getattr(config, "workerinput", None)
     start = float(workerinput["kld_session_start"]) if workerinput and "kld_session_start" in workerinput else time.time()
     session = KldSession(config, settings, start)
@@ -163,23 +180,30 @@ class KldSession:
     # -- hooks (this object is registered as a plugin; on the xdist controller it sees every
     #    worker's reports, so the rows of all workers arrive here)
 
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_makereport(self, item, call):
+        """Attach the leaderboard rows made during this phase to its report, as a plain
+        attribute: xdist serialises it with the report, so the controller receives every
+        worker's rows (and JUnit XML stays free of them)."""
+        outcome = yield
+        rows = item.stash.get(_ROWS, None)
+        if rows:
+            outcome.get_result().kld_rows = list(rows)
+            rows.clear()
+
     def pytest_runtest_logreport(self, report):
-        if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
-            for key, value in getattr(report, "user_properties", []):
-                if key == "kld_row":
-                    row = json.loads(value)
-                    row["outcome"] = report.outcome
-                    self.rows.append(row)
+        for row in getattr(report, "kld_rows", None) or ():
+            self.rows.append(dict(row, outcome=report.outcome))
 
     def pytest_sessionfinish(self, session, exitstatus):
-        if hasattr(self.config, "workerinput") or not self.rows:
+        if hasattr(self.config, "workerinput"):
             return
         rows = self.final_rows = _unique_rows(self.rows)
         s = self.settings
         try:
-            if s.get("json"):
+            if s.get("json"):  # written even with no rows: CI that reads it finds the settings
                 _write_json(s["json"], self, rows)
-            if s.get("markdown") or s.get("chart"):
+            if rows and (s.get("markdown") or s.get("chart")):
                 from . import export
                 from .report import header_line
 
@@ -248,13 +272,21 @@ class Progress:
 
     def _write(self, line: str, end: str) -> None:
         capman = self.config.pluginmanager.getplugin("capturemanager")
-        if capman is not None:
-            with capman.global_and_fixture_disabled():
-                sys.stderr.write(line + end)
-                sys.stderr.flush()
-        else:
-            sys.stderr.write(line + end)
-            sys.stderr.flush()
+        if capman is None:
+            self._emit(line, end)
+            return
+        with capman.global_and_fixture_disabled():
+            self._emit(line, end)
+
+    def _emit(self, line: str, end: str) -> None:
+        # Start on a fresh line after pytest's "test_x.py ..." progress (not on xdist workers,
+        # whose stdout is not the terminal); pytest repeats the file name when it goes on.
+        tr = self.config.pluginmanager.getplugin("terminalreporter")
+        if tr is not None and not hasattr(self.config, "workerinput") and end == "\n":
+            tr.ensure_newline()
+            sys.stdout.flush()
+        sys.stderr.write(line + end)
+        sys.stderr.flush()
 
 
 def _session(config) -> KldSession:
@@ -262,16 +294,31 @@ def _session(config) -> KldSession:
 
 
 def _marker_overrides(node) -> dict:
+    """Settings of the test's ``@pytest.mark.kld`` markers (the closest wins per key), checked."""
     out = {}
-    for mark in reversed(list(node.iter_markers("kld"))):  # closest marker wins
+    for mark in reversed(list(node.iter_markers("kld"))):
         unknown = set(mark.kwargs) - MARKER_KEYS
         if unknown or mark.args:
-            pytest.fail(
-                f"@pytest.mark.kld: unknown setting(s) {sorted(unknown) or list(mark.args)}; "
-                f"known: {', '.join(sorted(MARKER_KEYS))}",
-                pytrace=False,
+            what = f"unknown setting(s) {', '.join(sorted(unknown))}" if unknown else (
+                f"positional argument(s) {mark.args!r}; pass settings by keyword"
             )
+            pytest.fail(f"@pytest.mark.kld: {what}; known: {', '.join(sorted(MARKER_KEYS))}", pytrace=False)
         out.update(mark.kwargs)
+    for key, value in out.items():
+        if value is None:
+            continue
+        if key in INT_MINIMUM and (
+            isinstance(value, bool) or not isinstance(value, int) or value < INT_MINIMUM[key]
+        ):
+            pytest.fail(f"@pytest.mark.kld: {key}={value!r} must be an integer of at least {INT_MINIMUM[key]}", pytrace=False)
+        if key in CHOICES and value not in CHOICES[key]:
+            pytest.fail(f"@pytest.mark.kld: {key}={value!r}: choose {_one_of(CHOICES[key])}", pytrace=False)
+        if key not in INT_MINIMUM and not isinstance(value, (str, os.PathLike)):
+            pytest.fail(f"@pytest.mark.kld: {key}={value!r} must be a string", pytrace=False)
+    if out.get("reference") is not None:
+        out["reference"] = os.fspath(out["reference"])
+    if out.get("dataset") is not None:
+        out["dataset"] = os.fspath(out["dataset"])
     return out
 
 
@@ -334,16 +381,20 @@ def kld_compare(request, kld_session):
 
 
 def _record(node, result) -> None:
+    """Per-test figures into ``user_properties`` (JUnit XML ``<property>``, xdist reports);
+    the full leaderboard row into the item's stash (attached to the report by the session)."""
     from .report import result_row
 
-    row = result_row(result)
+    row = json.loads(json.dumps(result_row(result), default=_jsonable))  # plain, serialisable
     row["nodeid"] = node.nodeid
     s = result.summary
-    for key in ("mean", "p99", "max", "top1"):
-        if s.get(key) is not None:
-            node.user_properties.append((f"kld_{key}", s[key]))
-    node.user_properties.append(("kld_model", result.model))
-    node.user_properties.append(("kld_row", json.dumps(row, default=_jsonable)))
+    props = [("kld_model", result.model), ("kld_reference", result.reference.get("name"))]
+    props += [(f"kld_{k}", s[k]) for k in ("mean", "median", "p95", "p99", "max", "top1") if s.get(k) is not None]
+    props += [("kld_positions", s.get("count", 0) + s.get("nonfinite", 0)), ("kld_nonfinite", s.get("nonfinite", 0))]
+    if row.get("bpw") is not None:
+        props.append(("kld_bits_per_weight", row["bpw"]))
+    node.user_properties.extend(props)
+    node.stash.setdefault(_ROWS, []).append(row)
 
 
 def _jsonable(x):
@@ -353,27 +404,35 @@ def _jsonable(x):
         return str(x)
 
 
-def check_thresholds(result, thresholds: dict, categories: dict | None = None) -> list[str]:
-    """Lines for each threshold the result breaks (empty: all met)."""
-    problems = []
+def check_thresholds(result, thresholds: dict, categories: dict | None = None) -> tuple[list[str], int]:
+    """One line per threshold, observed against allowed, and the number broken."""
+    lines, broken = [], 0
 
     def check(summary: dict, limits: dict, where: str):
+        nonlocal broken
         for key, allowed in limits.items():
             got = summary.get(key)
             if got is None or (isinstance(got, float) and math.isnan(got)):
-                problems.append(f"{where}{key}: no value (no finite positions)")
-            elif key == "top1" and got < allowed:
-                problems.append(f"{where}top1: {got:.4f} < allowed minimum {allowed:.4f}")
-            elif key != "top1" and got > allowed:
-                problems.append(f"{where}{key}: {got:.6g} > allowed {allowed:.6g} (by {got - allowed:.3g}, {got / allowed - 1:+.0%})" if allowed > 0 else f"{where}{key}: {got:.6g} > allowed {allowed:.6g}")
+                broken += 1
+                lines.append(f"{where}{key}: no value (no finite positions); allowed {allowed:.6g}  FAILED")
+            elif key == "top1":
+                ok = got >= allowed
+                broken += not ok
+                lines.append(f"{where}top1: {got:.4f} {'>=' if ok else '<'} minimum {allowed:.4f}  {'ok' if ok else 'FAILED'}")
+            else:
+                ok = got <= allowed
+                broken += not ok
+                by = f" (+{got / allowed - 1:.0%})" if not ok and allowed > 0 else ""
+                lines.append(f"{where}{key}: {got:.6g} {'<=' if ok else '>'} allowed {allowed:.6g}{by}  {'ok' if ok else 'FAILED'}")
 
     check(result.summary, thresholds, "")
     for cat, limits in (categories or {}).items():
         if cat not in result.categories:
-            problems.append(f"category {cat!r}: not in this corpus (has: {', '.join(sorted(result.categories))})")
+            broken += 1
+            lines.append(f"category {cat!r}: not in this corpus (has: {', '.join(sorted(result.categories))})  FAILED")
             continue
         check(result.categories[cat], limits, f"[{cat}] ")
-    return problems
+    return lines, broken
 
 
 def validate_thresholds(limits: dict, where: str = "assert_kld") -> dict:
@@ -397,23 +456,32 @@ def validate_thresholds(limits: dict, where: str = "assert_kld") -> dict:
 
 
 @pytest.fixture
-def assert_kld(request, kld_session):
+def assert_kld(request, kld_session, kld_compare):
     """``assert_kld(model, *, mean=None, median=None, p90=None, p95=None, p99=None, p99_9=None,
     max=None, top1=None, categories=None, name=None, exec=None) -> KldResult``
 
-    Compares ``model`` with the reference and fails the test, in one message, on every threshold
-    it breaks: KLD figures (nats, KL(reference || quant)) must be at most their value, top1 (the
-    share of positions where both models' top token agree) at least its value. ``categories``
-    maps a corpus category to its own thresholds, e.g. ``{"code": {"mean": 0.05}}``.
+    Compares ``model`` with the reference and fails the test, in one message, listing every
+    threshold with its observed value: KLD figures (nats, KL(reference || quant)) must be at most
+    their value, top1 (the share of positions where both models' top token agree) at least its
+    value. ``categories`` maps a corpus category to its own thresholds, e.g.
+    ``{"code": {"mean": 0.05}}``. Positions where the model's log-probs are NaN or inf fail the
+    test too. The reference is set up before the test runs (a missing one is a setup error).
     """
     from .errors import KldError
 
-    def run(model, *, categories=None, name=None, exec=None, **limits):
+    def run(model, *args, categories=None, name=None, exec=None, **limits):
         __tracebackhide__ = True
         message = None
         try:
+            if args:
+                raise KldError(
+                    f"assert_kld: thresholds are keywords, e.g. assert_kld(model, mean=0.1, p99=1.0); "
+                    f"got positional {', '.join(map(repr, args))}"
+                )
             thresholds = validate_thresholds(limits)
             cats = {}
+            if categories is not None and not isinstance(categories, dict):
+                raise KldError(f"assert_kld: categories must be a dict of category -> thresholds, got {categories!r}")
             for cat, lim in (categories or {}).items():
                 if not isinstance(lim, dict):
                     raise KldError(f"assert_kld: categories[{cat!r}] must be a dict of thresholds, got {lim!r}")
@@ -422,20 +490,24 @@ def assert_kld(request, kld_session):
             message = str(e)
         if message:
             pytest.fail(message, pytrace=False)
-        result = request.getfixturevalue("kld_compare")(model, name=name, exec=exec)
-        problems = check_thresholds(result, thresholds, cats)
-        nonfinite = result.summary.get("nonfinite", 0)
+        result = kld_compare(model, name=name, exec=exec)
+        lines, broken = check_thresholds(result, thresholds, cats)
+        s = result.summary
+        nonfinite = s.get("nonfinite", 0)
+        total = s.get("count", 0) + nonfinite
         if nonfinite:
-            problems.insert(0, f"{nonfinite} of {nonfinite + result.summary['count']} positions had NaN or inf log-probs")
-        if problems:
-            s = result.settings
-            head = (
-                f"KLD over threshold for {result.model} against {result.reference.get('name')} "
-                f"({result.direction}; mode {s.get('corpus', {}).get('mode')}, K={s.get('top_k')}, "
-                f"exec {result.exec}, {result.summary['count']} positions):"
+            broken += 1
+            lines.insert(0, f"{nonfinite} of {total} positions had NaN or inf log-probs (left out of the figures)  FAILED")
+        if broken:
+            st, corpus = result.settings, result.settings.get("corpus") or {}
+            head = f"KLD over threshold for {result.model} against {result.reference.get('name')}: {broken} of {len(lines)} checks failed"
+            where = (
+                f"{result.direction} in nats over {total} scored positions; mode {corpus.get('mode')}, "
+                f"K={st.get('top_k')}, n_ctx {corpus.get('n_ctx', '-')}, exec {result.exec}, "
+                f"chunk_tokens {st.get('chunk_tokens')}"
             )
             hint = "If the new figures are expected, raise the thresholds in the test."
-            pytest.fail("\n".join([head, *("  " + p for p in problems), hint]), pytrace=False)
+            pytest.fail("\n".join([head, *("  " + ln for ln in lines), "  " + where, hint]), pytrace=False)
         return result
 
     return run
@@ -469,8 +541,18 @@ def _write_json(path: str, kld: KldSession, rows: list[dict]) -> None:
         "results": rows,
     }
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(doc, f, indent=2, default=_jsonable)
+    with open(tmp, "w", encoding="utf-8") as f:  # strict JSON: NaN and inf become null
+        json.dump(_strict(json.loads(json.dumps(doc, default=_jsonable))), f, indent=2, allow_nan=False)
     os.replace(tmp, path)
+
+
+def _strict(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _strict(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_strict(v) for v in x]
+    return x
 
 

@@ -26,6 +26,10 @@ COLUMNS = [
 ]
 
 
+# Settings that may differ between rows of one run: (row key, label in the model column).
+VARIES = [("reference", "ref"), ("mode", "mode"), ("top_k", "K"), ("exec", "exec")]
+
+
 def result_row(result, outcome: str | None = None) -> dict:
     """The leaderboard/JSON row of one comparison (no per-position arrays)."""
     info = result.info or {}
@@ -88,8 +92,13 @@ def leaderboard_lines(rows: list[dict], *, by_category: bool = False) -> list[st
     """The leaderboard as lines of text: header, table sorted by mean KLD, best marked with *."""
     if not rows:
         return []
-    rows = sorted(rows, key=lambda r: (not r.get("is_reference"), _sort_mean(r)))
+    rows = sorted((dict(r) for r in rows), key=lambda r: (not r.get("is_reference"), _sort_mean(r)))
+    # Rows measured with different settings (a marker's K, mode...) say which, after the name.
+    varying = [(k, h) for k, h in VARIES if len({str(r.get(k)) for r in rows}) > 1]
     for r in rows:
+        if varying:
+            what = ", ".join(f"{h}={display_name(str(r.get(k))) if k == 'reference' else r.get(k)}" for k, h in varying)
+            r["model"] = f"{r.get('model')} [{what}]"
         r["result"] = {"passed": "pass", "failed": "FAIL"}.get(r.get("outcome"), r.get("outcome") or "-")
         if r.get("is_reference"):
             r["result"] = "reference"
@@ -122,14 +131,23 @@ def _sort_mean(r):
 
 
 def header_line(rows: list[dict]) -> str:
-    """Reference, mode, positions scored, K and exec of the leaderboard (from the first row)."""
-    r = rows[0]
-    refs = sorted({str(x.get("reference")) for x in rows})
-    modes = sorted({str(x.get("mode")) for x in rows})
-    execs = sorted({str(x.get("exec")) for x in rows})
+    """Reference, mode, positions scored, K and exec of the leaderboard (every distinct value)."""
+
+    def distinct(values) -> str:
+        seen = []
+        for v in values:
+            if v not in seen:
+                seen.append(v)
+        seen.sort(key=lambda v: (not isinstance(v, (int, float)), v if isinstance(v, (int, float)) else str(v)))
+        return ", ".join(str(v) for v in seen) or "-"
+
+    positions = [
+        (r.get("count") or 0) + (r.get("nonfinite") or 0) for r in rows if r.get("count") is not None
+    ]
     return (
-        f"{DIRECTION}  reference: {', '.join(refs)}  mode: {', '.join(modes)}  "
-        f"positions: {r.get('count')}  K: {r.get('top_k')}  exec: {', '.join(execs)}"
+        f"{DIRECTION}  reference: {distinct(r.get('reference') for r in rows)}  "
+        f"mode: {distinct(r.get('mode') for r in rows)}  positions: {distinct(positions)}  "
+        f"K: {distinct(r.get('top_k') for r in rows)}  exec: {distinct(r.get('exec') for r in rows)}"
     )
 
 
