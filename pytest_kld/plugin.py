@@ -205,10 +205,11 @@ class KldSession:
                 _write_json(s["json"], self, rows)
             if rows and (s.get("markdown") or s.get("chart")):
                 from . import export
-                from .report import header_line
+                from .report import header_fields
 
-                if s.get("markdown"):
-                    export.write_markdown(rows, s["markdown"], {"title": header_line(rows)})
+                if s.get("markdown"):  # GitHub's step summary collects; anything else is replaced
+                    append = os.environ.get("GITHUB_STEP_SUMMARY") == s["markdown"]
+                    export.write_markdown(rows, s["markdown"], header_fields(rows), append=append)
                 if s.get("chart"):
                     export.write_chart(rows, s["chart"])
         except Exception as e:  # a report that cannot be written must not pass silently

@@ -130,8 +130,8 @@ def _sort_mean(r):
     return m if isinstance(m, (int, float)) and math.isfinite(m) else math.inf
 
 
-def header_line(rows: list[dict]) -> str:
-    """Reference, mode, positions scored, K and exec of the leaderboard (every distinct value)."""
+def header_fields(rows: list[dict]) -> dict:
+    """Reference, mode, positions scored, K and exec of a set of rows (every distinct value)."""
 
     def distinct(values) -> str:
         seen = []
@@ -144,11 +144,18 @@ def header_line(rows: list[dict]) -> str:
     positions = [
         (r.get("count") or 0) + (r.get("nonfinite") or 0) for r in rows if r.get("count") is not None
     ]
-    return (
-        f"{DIRECTION}  reference: {distinct(r.get('reference') for r in rows)}  "
-        f"mode: {distinct(r.get('mode') for r in rows)}  positions: {distinct(positions)}  "
-        f"K: {distinct(r.get('top_k') for r in rows)}  exec: {distinct(r.get('exec') for r in rows)}"
-    )
+    return {
+        "reference": distinct(r.get("reference") for r in rows),
+        "mode": distinct(r.get("mode") for r in rows),
+        "positions": distinct(positions),
+        "K": distinct(r.get("top_k") for r in rows),
+        "exec": distinct(r.get("exec") for r in rows),
+    }
+
+
+def header_line(rows: list[dict]) -> str:
+    """The leaderboard's header: direction, reference, mode, positions scored, K and exec."""
+    return "  ".join([DIRECTION, *(f"{k}: {v}" for k, v in header_fields(rows).items())])
 
 
 def category_lines(rows: list[dict]) -> list[str]:

@@ -280,9 +280,11 @@ def test_reference_fixture(kld_reference):
     assert kld_reference.top_k == 256 and kld_reference.n_positions > 0
 """
     )
-    out = pytester.path / "kld.json"
-    result = pytester.runpytest(*kld_args, f"--kld-json={out}")
+    out, md = pytester.path / "kld.json", pytester.path / "kld.md"
+    result = pytester.runpytest(*kld_args, f"--kld-json={out}", f"--kld-markdown={md}")
     result.assert_outcomes(passed=2, failed=1)
+    text = md.read_text()
+    assert "llama-q8-g64" in text and "llama-q4-g64" in text and "**K**: 256" in text, text
     doc = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
     assert doc["direction"] == "KL(reference || quant)"
     s = doc["settings"]
@@ -489,10 +491,10 @@ def test_progress_reaches_the_terminal_despite_capture(pytester, models, kld_arg
     err = result.stderr.str()
     assert "pytest-kld: building reference cache" in err and "tokens to run" in err
     assert re.search(r"building reference cache .*: (\d+)/\1 tokens, [\d,]+ tok/s, ETA 0s", err), err
-    # A second session loads the cache: no build line.
-    result = pytester.runpytest_subprocess(*kld_args)
+    # A second session loads the cache: no build line (in-process is enough for that).
+    result = pytester.runpytest(*kld_args)
     result.assert_outcomes(passed=1)
-    assert "building reference cache" not in result.stderr.str()
+    assert "building reference cache" not in result.stderr.str() + result.stdout.str()
 
 
 def test_a_suite_without_kld_tests_never_imports_mlx(pytester, models, kld_args):
