@@ -140,9 +140,13 @@ def load_model(path: Path, exec_mode: str = "auto", *, trust_remote_code: bool =
     from .errors import ModelError
 
     exec_used = resolve_exec(exec_mode)
+    _check_config(Path(path), trust_remote_code)
     try:
         model, tokenizer, config = load(
-            str(path), return_config=True, trust_remote_code=trust_remote_code
+            str(path),
+            tokenizer_config={"trust_remote_code": trust_remote_code},
+            return_config=True,
+            trust_remote_code=trust_remote_code,
         )
     except ValueError as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -154,12 +158,44 @@ def load_model(path: Path, exec_mode: str = "auto", *, trust_remote_code: bool =
         raise ModelError(f"{path}: mlx-lm could not load this model: {msg}") from None
     except FileNotFoundError as e:
         raise ModelError(f"{path}: not a loadable MLX model ({e})") from None
+    except (KeyError, TypeError, AttributeError, OSError) as e:  # a config.json mlx-lm cannot use
+        msg = str(e).splitlines()[0] if str(e) else ""
+        raise ModelError(
+            f"{path}: mlx-lm could not build this model from its files ({type(e).__name__}: {msg}); "
+            "check config.json, the weights and the tokenizer files"
+        ) from None
     n_deq = 0
     if exec_used == "float32":
         n_deq = dequantize_to_float32(model)
         cast_float32(model)
     mx.eval(model.parameters())
     return LoadedModel(model, tokenizer, config, Path(path), exec_used, n_deq)
+
+
+def _check_config(path: Path, trust_remote_code: bool) -> None:
+    """One-line errors for a config.json that cannot describe a model, and for custom model code
+    that was not asked for (before mlx-lm reads anything)."""
+    import json
+
+    from .errors import ModelError
+
+    cfg_file = path / "config.json"
+    try:
+        config = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelError(f"{path} is not a model directory (no config.json)") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ModelError(f"{cfg_file} is not valid JSON ({e}); re-download or re-convert the model") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise ModelError(
+            f"{cfg_file} has no model_type: {path} is not a language model that mlx-lm can load"
+        )
+    code = config.get("model_file")
+    if code is not None and not trust_remote_code:
+        raise ModelError(
+            f"{path}: its config.json names custom model code ({code!r}), which is not run unless "
+            "asked: pass --kld-trust-remote-code (trust_remote_code=True) only if you trust this model"
+        )
 
 
 def _cache_arrays(cache) -> list:

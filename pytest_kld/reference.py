@@ -12,12 +12,13 @@ can steer a path outside it)::
         <mode>-<key>.lock        the file lock that serialises builders and readers
 
 An entry appears only by renaming a complete temporary directory into place, so a build killed
-at any point leaves at most a ``.tmp-*`` directory, which no reader opens and the next builder
-removes.
+at any point leaves at most a ``.tmp-*`` directory, which no reader opens and the next process to
+take the lock removes. A read-only cache directory still serves its complete entries.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -37,6 +38,30 @@ FORMAT_VERSION = 1
 ARRAYS = "arrays.safetensors"
 MANIFEST = "manifest.json"
 REBUILD_HINT = "rerun with --kld-rebuild (or delete the directory) to rebuild it"
+# Every array of an entry: (dimensions, allowed dtypes).
+ARRAY_SPECS = {
+    "tokens": (1, ("int32",)),
+    "chunk_offsets": (1, ("int64",)),
+    "score_ranges": (2, ("int32",)),
+    "chunk_category": (1, ("int32",)),
+    "topk_ids": (2, ("uint16", "uint32")),
+    "topk_logprobs": (2, ("float32",)),
+    "tail": (1, ("float32",)),
+    "target": (1, ("float32",)),
+}
+# Manifest fields that readers rely on, with their JSON types.
+MANIFEST_FIELDS = {
+    "key_material": dict,
+    "reference": dict,
+    "settings": dict,
+    "categories": list,
+    "vocab_size": int,
+    "tokenizer_size": int,
+    "tokenizer_probe": list,
+    "shapes": dict,
+    "arrays_bytes": int,
+    "arrays_sha256": str,
+}
 # Text whose ids the cache records: a comparison model's tokenizer must give the same ids.
 TOKENIZER_PROBE = (
     "The quick brown fox jumps over 13 lazy dogs; naïve café, straße. "
@@ -181,6 +206,13 @@ class ReferenceCache:
         body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
         if manifest.get("manifest_sha256") != _sha256_json(body):
             raise bad(f"{MANIFEST} was edited (its checksum does not match)")
+        for name, typ in MANIFEST_FIELDS.items():
+            if not isinstance(manifest.get(name), typ):
+                raise bad(f"{MANIFEST} has no valid {name!r}")
+        for part, keys in (("settings", ("top_k", "chunk_tokens", "exec")), ("reference", ("name", "fingerprint"))):
+            missing = [k for k in keys if k not in manifest[part]]
+            if missing:
+                raise bad(f"{MANIFEST} {part} lacks {', '.join(missing)}")
         key = manifest.get("key")
         if key != _sha256_json(manifest.get("key_material")):
             raise bad("its key does not match its settings")
@@ -195,39 +227,65 @@ class ReferenceCache:
 
             arrays = load_file(str(apath))
         except Exception as e:  # safetensors raises its own error types
-            raise bad(f"{ARRAYS} does not load ({e})") from None
-        shapes = manifest.get("shapes", {})
-        for name, shape in shapes.items():
-            if name not in arrays or list(arrays[name].shape) != list(shape):
-                got = None if name not in arrays else list(arrays[name].shape)
-                raise bad(f"array {name!r} has shape {got}, expected {shape}")
-        cache = cls(
-            path=path,
-            manifest=manifest,
-            tokens=arrays["tokens"],
-            chunk_offsets=arrays["chunk_offsets"],
-            score_ranges=arrays["score_ranges"],
-            chunk_category=arrays["chunk_category"],
-            topk_ids=arrays["topk_ids"],
-            topk_logprobs=arrays["topk_logprobs"],
-            tail=arrays["tail"],
-            target=arrays["target"],
-        )
-        cache._check_consistency(bad)
-        return cache
+            raise bad(f"{ARRAYS} does not load ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        try:
+            for name, shape in manifest["shapes"].items():
+                if name not in arrays or list(arrays[name].shape) != list(shape):
+                    got = None if name not in arrays else list(arrays[name].shape)
+                    raise bad(f"array {name!r} has shape {got}, expected {shape}")
+            _check_arrays(manifest, arrays, bad)
+        except CacheError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+            # A manifest re-signed by hand can hold anything: still one line, never a traceback.
+            raise bad(f"{MANIFEST} does not describe {ARRAYS} ({type(e).__name__}: {e})") from None
+        return cls(path=path, manifest=manifest, **{name: arrays[name] for name in ARRAY_SPECS})
 
-    def _check_consistency(self, bad) -> None:
-        c = self.score_ranges.shape[0]
-        if self.chunk_offsets.shape != (c + 1,) or self.chunk_offsets[-1] != self.tokens.shape[0]:
-            raise bad("chunk offsets do not cover the token ids")
-        lens = np.diff(self.chunk_offsets)
-        s, e = self.score_ranges[:, 0], self.score_ranges[:, 1]
-        if np.any(s < 0) or np.any(e < s) or np.any(e > lens - 1):
-            raise bad("scored ranges fall outside their chunks")
-        if self.row_offsets[-1] != self.topk_ids.shape[0]:
-            raise bad("the number of scored positions does not match the top-K arrays")
-        if np.any(self.chunk_category >= len(self.manifest.get("categories", []))):
-            raise bad("chunk categories out of range")
+
+def _check_arrays(manifest: dict, arrays: dict, bad) -> None:
+    """Shapes, dtypes and cross-consistency of an entry's arrays; also catches a file that is
+    internally consistent (checksums re-signed) but not what the readers expect."""
+    for name, (ndim, dtypes) in ARRAY_SPECS.items():
+        a = arrays.get(name)
+        if a is None:
+            raise bad(f"{ARRAYS} has no array {name!r}")
+        if a.ndim != ndim:
+            raise bad(f"array {name!r} has shape {list(a.shape)}, expected {ndim} dimension(s)")
+        if a.dtype.name not in dtypes:
+            raise bad(f"array {name!r} has dtype {a.dtype}, expected {' or '.join(dtypes)}")
+    tokens, offsets, ranges = arrays["tokens"], arrays["chunk_offsets"], arrays["score_ranges"]
+    ids, n = arrays["topk_ids"], arrays["topk_ids"].shape[0]
+    c = ranges.shape[0]
+
+    def same_shape(names, shape):
+        for name in names:
+            if arrays[name].shape != shape:
+                raise bad(f"array {name!r} has shape {list(arrays[name].shape)}, expected {list(shape)}")
+
+    same_shape(["score_ranges"], (c, 2))
+    same_shape(["chunk_offsets"], (c + 1,))
+    same_shape(["chunk_category"], (c,))
+    if offsets[0] != 0 or np.any(np.diff(offsets) < 2):
+        raise bad("chunk offsets are not increasing (every chunk needs at least 2 tokens)")
+    if offsets[-1] != tokens.shape[0]:
+        raise bad("chunk offsets do not cover the token ids")
+    s, e = ranges[:, 0], ranges[:, 1]
+    if np.any(s < 0) or np.any(e < s) or np.any(e > np.diff(offsets) - 1):
+        raise bad("scored ranges fall outside their chunks")
+    if int((e - s).astype(np.int64).sum()) != n:
+        raise bad("the number of scored positions does not match the top-K arrays")
+    same_shape(["topk_logprobs"], ids.shape)
+    same_shape(["tail", "target"], (n,))
+    if ids.shape[1] != manifest["settings"]["top_k"]:
+        raise bad(f"the top-K arrays are {ids.shape[1]} wide but its settings say top_k={manifest['settings']['top_k']}")
+    vocab = manifest["vocab_size"]
+    if n and int(ids.max()) >= vocab:
+        raise bad(f"top-K ids reach {int(ids.max())}, outside the vocabulary of {vocab}")
+    if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab):
+        raise bad(f"token ids outside the vocabulary of {vocab}")
+    cats = arrays["chunk_category"]
+    if c and (int(cats.min()) < 0 or int(cats.max()) >= len(manifest["categories"])):
+        raise bad("chunk categories out of range")
 
 
 # --------------------------------------------------------------------------------------------
@@ -319,11 +377,23 @@ def ensure_reference(
         lock = FileLock(str(entry) + ".lock")
         lock.acquire()
     except OSError as e:
+        if (
+            e.errno in (errno.EROFS, errno.EACCES, errno.EPERM)
+            and entry.is_dir()
+            and not rebuild
+            and rebuild_before is None
+        ):
+            # A read-only cache (a shared or CI mount): nobody builds there, so a complete
+            # entry is read without the lock; entries only ever appear whole, by rename.
+            return ReferenceCache.load(entry, expect_key=plan.key)
         raise CacheError(
             f"cannot use the reference cache directory {entry.parent}: {e.strerror or e}; "
             "make it writable or choose another with --kld-cache-dir"
         ) from None
     try:
+        # Left by a build that was killed: never read, removed by whoever holds the lock next.
+        for stale in entry.parent.glob(f".tmp-{entry.name}-*"):
+            _remove(stale)
         if entry.exists() and not rebuild:
             try:
                 cache = ReferenceCache.load(entry, expect_key=plan.key)
@@ -350,8 +420,7 @@ def _build(plan: ReferencePlan, *, progress=None, trust_remote_code: bool = Fals
     from .forward import iter_corpus_logprobs, load_model
 
     entry = plan.entry
-    for stale in entry.parent.glob(f".tmp-{entry.name}-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    _check_writable(entry)  # before the (long) pass, not after it
 
     t0 = time.time()
     lm = load_model(plan.path, plan.exec, trust_remote_code=trust_remote_code)
@@ -446,13 +515,16 @@ def _build(plan: ReferencePlan, *, progress=None, trust_remote_code: bool = Fals
 
 
 def _write_entry(entry: Path, arrays: dict, manifest: dict) -> None:
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
-    tmp = entry.parent / f".tmp-{entry.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = _tmp_name(entry)
     try:
         tmp.mkdir()
         apath = tmp / ARRAYS
-        save_file(arrays, str(apath))
+        data = save(arrays)  # bytes written by Python: a full disk is an OSError with its errno
+        with open(apath, "wb") as f:
+            f.write(data)
+        del data
         _fsync(apath)
         manifest = dict(manifest, arrays_bytes=apath.stat().st_size, arrays_sha256=_sha256_file(apath))
         manifest["manifest_sha256"] = _sha256_json(manifest)
@@ -465,19 +537,50 @@ def _write_entry(entry: Path, arrays: dict, manifest: dict) -> None:
             old = entry.parent / f".tmp-{entry.name}-old-{uuid.uuid4().hex[:8]}"
             os.rename(entry, old)
             os.rename(tmp, entry)
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
         else:
             os.rename(tmp, entry)
         _fsync_dir(entry.parent)
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise CacheError(
-            f"cannot write the reference cache in {entry.parent}: {e.strerror or e}; "
-            "free some space or choose another directory with --kld-cache-dir"
-        ) from None
+        _remove(tmp)
+        raise _write_error(entry.parent, e) from None
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
         raise
+
+
+def _tmp_name(entry: Path) -> Path:
+    return entry.parent / f".tmp-{entry.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _check_writable(entry: Path) -> None:
+    """Fail now, in one line, if the entry's directory does not take new files."""
+    probe = _tmp_name(entry)
+    try:
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as e:
+        raise _write_error(entry.parent, e) from None
+
+
+def _write_error(where: Path, e: OSError) -> CacheError:
+    full = e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    todo = "free some space" if full else "make it writable"
+    return CacheError(
+        f"cannot write the reference cache in {where}: {e.strerror or e}; "
+        f"{todo} or choose another directory with --kld-cache-dir"
+    )
+
+
+def _remove(path: Path) -> None:
+    """Remove a file or a directory tree; whatever cannot be removed stays (never trusted)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            path.unlink()
+        except OSError:
+            pass
 
 
 def _fsync(path: Path) -> None:
