@@ -101,13 +101,14 @@ def compare(
     from .blas import prefer_system_blas
     from .divergence import compare_rows
     from .forward import iter_corpus_logprobs, load_model
-    from .models import resolve_model, weights_fingerprint
+    from .models import resolve_model, tokenizer_fingerprint, weights_fingerprint
     from .stats import summarize, summarize_groups
 
     t0 = time.time()
     name = str(model) if name is None else name
     path = resolve_model(model, revision=revision)
     fp = weights_fingerprint(path)
+    tokenizer_fingerprint(path)  # no tokenizer files: the same one line as for the reference
     settings = cache.manifest["settings"]
     exec_mode = exec or settings["exec"]
     ct = settings["chunk_tokens"] if chunk_tokens is None else chunk_tokens

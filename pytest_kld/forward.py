@@ -149,7 +149,7 @@ def load_model(path: Path, exec_mode: str = "auto", *, trust_remote_code: bool =
             trust_remote_code=trust_remote_code,
         )
     except ValueError as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        msg = _one_line(e)
         if "not supported" in msg or "Model type" in msg:
             raise ModelError(
                 f"{path}: unsupported model architecture ({msg}); "
@@ -159,7 +159,7 @@ def load_model(path: Path, exec_mode: str = "auto", *, trust_remote_code: bool =
     except FileNotFoundError as e:
         raise ModelError(f"{path}: not a loadable MLX model ({e})") from None
     except (KeyError, TypeError, AttributeError, OSError) as e:  # a config.json mlx-lm cannot use
-        msg = str(e).splitlines()[0] if str(e) else ""
+        msg = _one_line(e)
         raise ModelError(
             f"{path}: mlx-lm could not build this model from its files ({type(e).__name__}: {msg}); "
             "check config.json, the weights and the tokenizer files"
@@ -170,6 +170,12 @@ def load_model(path: Path, exec_mode: str = "auto", *, trust_remote_code: bool =
         cast_float32(model)
     mx.eval(model.parameters())
     return LoadedModel(model, tokenizer, config, Path(path), exec_used, n_deq)
+
+
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    """An exception's whole message on one line (several libraries spread theirs over lines)."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _check_config(path: Path, trust_remote_code: bool) -> None:
