@@ -28,7 +28,7 @@ import pytest
 from conftest import PROSE
 from pytest_kld.compare import compare
 from pytest_kld.corpus import corpus_spec
-from pytest_kld.errors import CacheError, CorpusError, KldError, ModelError, ThresholdError, TokenizerMismatch
+from pytest_kld.errors import CacheError, KldError, ModelError, ThresholdError, TokenizerMismatch
 from pytest_kld.reference import (
     ARRAYS,
     MANIFEST,
