@@ -446,7 +446,7 @@ class QuantRecipe:
 
     ``method`` "rtn" is ``mlx_lm.convert`` (round to nearest, optionally with one of its mixed
     ``predicate`` recipes); "gptq" is mlx-lm's GPTQ (mlx_lm.quant.gptq) calibrated on
-    :func:`calibration_text`, non-linear layers (the tied embedding) at ``fallback_bits``.
+    :func:`calibration_tokens`, non-linear layers (the tied embedding) at ``fallback_bits``.
     """
 
     bits: int
@@ -483,25 +483,30 @@ CALIBRATION_TOKENS = 8192
 CALIBRATION_ROW = 256
 
 
-def calibration_text() -> str:
+def calibration_texts() -> list[str]:
     """Offline calibration text: the Python language reference bundled with CPython.
 
     mlx-lm's data-driven recipes download their calibration file from a gist, which fails
     offline; ``pydoc_data.topics`` (the text behind ``help()``) is English technical prose with
-    code in every CPython install. Topics are taken in sorted order, so the text only changes
-    with the Python minor version.
+    code in every CPython install. Topics come in sorted order, so the text only changes with
+    the Python minor version.
     """
     from pydoc_data.topics import topics
 
-    return "\n\n".join(topics[key] for key in sorted(topics))
+    return [topics[key] for key in sorted(topics)]
 
 
-def _calibration_tokens(tokenizer):
+def calibration_tokens(tokenizer, n_tokens: int = CALIBRATION_TOKENS, row: int = CALIBRATION_ROW):
+    """``n_tokens`` calibration tokens as an (n_tokens // row, row) mlx array."""
     import mlx.core as mx
 
-    ids = tokenizer.encode(calibration_text())
-    n_rows = min(len(ids), CALIBRATION_TOKENS) // CALIBRATION_ROW
-    return mx.array(ids[: n_rows * CALIBRATION_ROW]).reshape(n_rows, CALIBRATION_ROW)
+    ids: list[int] = []
+    for text in calibration_texts():  # topic by topic: no over-long-sequence warnings
+        ids.extend(tokenizer.encode(text + "\n\n"))
+        if len(ids) >= n_tokens:
+            break
+    n_rows = min(len(ids), n_tokens) // row
+    return mx.array(ids[: n_rows * row]).reshape(n_rows, row)
 
 
 def _build_rtn(reference: Path, tmp: Path, recipe: QuantRecipe) -> None:
@@ -532,7 +537,7 @@ def _build_gptq(reference: Path, tmp: Path, recipe: QuantRecipe) -> None:
     model, tokenizer, config = load(str(reference), return_config=True)
     # float32 for the Hessians (float16 sums of x^T x overflow) and for speed on a CPU
     model.set_dtype(mx.float32)
-    data = _calibration_tokens(tokenizer)
+    data = calibration_tokens(tokenizer)
     mx.random.seed(0)
     model, config["quantization"] = gptq_quantize(
         model,
@@ -589,6 +594,14 @@ def ensure_quants(
             else:
                 _build_rtn(reference, tmp, recipe)
             seconds = time.perf_counter() - start
+            extra = {}
+            if recipe.method != "rtn":
+                extra["calibration"] = {
+                    "source": "pydoc_data.topics",
+                    "python": "%d.%d" % sys.version_info[:2],
+                    "tokens": CALIBRATION_TOKENS,
+                    "row": CALIBRATION_ROW,
+                }
             return {
                 "format": FORMAT_VERSION,
                 "kind": "quant",
@@ -598,6 +611,7 @@ def ensure_quants(
                 "reference_build_id": ref_id,
                 "bits_per_weight": round(bits_per_weight(tmp), 4),
                 "seconds": round(seconds, 2),
+                **extra,
             }
 
         out[name] = build_atomically(_root(cache_dir) / "quants" / name, build, is_current)
