@@ -172,7 +172,12 @@ def test_tokenizer_splits_digits_individually(loaded):
 
 @pytest.mark.parametrize(
     "text",
-    [PROSE, "  two leading spaces\n\ttab and newline ", "naïve café, 日本語, emoji 🙂", "x=1;y=22"],
+    [
+        PROSE,
+        "  two leading spaces\n\ttab and newline ",
+        "naïve café, 日本語, emoji 🙂",
+        "x=1;y=22",
+    ],
 )
 def test_tokenizer_round_trips(loaded, text):
     _, tokenizer = loaded
