@@ -12,6 +12,7 @@ built as a plain shared library), else a system OpenBLAS (Debian's ``libopenblas
 ``PYTEST_KLD_BLAS``: ``auto`` (default: the first OpenBLAS found, Linux only), ``bundled``
 (leave MLX's own BLAS), or the path of a BLAS library to load. Nothing happens when mlx was
 already imported (binding then would be partial) or on macOS (MLX uses Accelerate/Metal).
+Under pytest-xdist each worker's OpenBLAS runs one thread unless OPENBLAS_NUM_THREADS is set.
 """
 
 from __future__ import annotations
@@ -71,6 +72,12 @@ def prefer_system_blas() -> str:
             else [*_wheel_openblas(), *CANDIDATES, ctypes.util.find_library("openblas")]
         )
         desc = "mlx bundled (no OpenBLAS found: pip install cmeel-openblas)"
+        if os.environ.get("PYTEST_XDIST_WORKER") and not (
+            os.environ.get("OPENBLAS_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS")
+        ):
+            # xdist runs one process per core already; OpenBLAS threads that spin-wait in every
+            # worker oversubscribe the cores (measured: up to 10x slower on 2 cores).
+            os.environ["OPENBLAS_NUM_THREADS"] = "1"
         for path in paths:
             if not path or (os.path.isabs(path) and not os.path.exists(path)):
                 continue
