@@ -100,7 +100,7 @@ def test_sparse_against_dense_float64(arch_, tiny_model, cache_for, record_prope
             over = sparse.kl - dense
             assert np.all(over <= 1e-5 + 2e-6 * dense), (k, over.max())  # float32 rounding
             bias = sparse.summary["mean"] / dense.mean() - 1
-            record_property(f"bias_{arch_}_q{bits}_k{k}", round(bias, 5))
+            record_property(f"bias_{arch_}_q{bits}_k{k}", round(float(bias), 5))
             print(f"{arch_} {bits}-bit K={k}: sparse mean {sparse.summary['mean']:.5f} dense {dense.mean():.5f} bias {bias:+.3%}")
             assert -0.5 < bias <= 1e-6
 
