@@ -480,6 +480,7 @@ def _build(plan: ReferencePlan, *, progress=None, trust_remote_code: bool = Fals
     import mlx_lm
 
     from . import __version__
+    from .blas import prefer_system_blas
 
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -509,6 +510,7 @@ def _build(plan: ReferencePlan, *, progress=None, trust_remote_code: bool = Fals
         ),
         "build_seconds": round(elapsed, 3),
         "versions": {"pytest_kld": __version__, "mlx": mx.__version__, "mlx_lm": mlx_lm.__version__},
+        "blas": prefer_system_blas(),
         "shapes": {name: list(a.shape) for name, a in arrays.items()},
     }
     _write_entry(entry, arrays, manifest)

@@ -107,6 +107,9 @@ def main():
 
     spec = corpus_spec("file", dataset=cfg["corpus"], n_ctx=cfg["n_ctx"])
     settings = R.Settings(top_k=cfg["top_k"], chunk_tokens=cfg["chunk_tokens"])
+    from pytest_kld.blas import prefer_system_blas
+
+    prefer_system_blas()  # as the plugin does: the same BLAS, so the same bytes, as the test process
     import mlx.core, mlx_lm.utils  # noqa: F401  (imported before anyone meets at the lock)
 
     if cfg["job"] == "concurrent":
