@@ -100,7 +100,7 @@ def compare(
     """
     from .blas import prefer_system_blas
     from .divergence import compare_rows
-    from .forward import iter_corpus_logprobs, load_model
+    from .forward import iter_corpus_logprobs, load_model, logits_width
     from .models import resolve_model, tokenizer_fingerprint, weights_fingerprint
     from .stats import summarize, summarize_groups
 
@@ -116,26 +116,17 @@ def compare(
     try:
         check_tokenizer(cache, lm.tokenizer, name)
         vocab = int(cache.manifest["vocab_size"])
-        width = _logits_width(lm.model)
+        width = logits_width(lm.model)
         if width < vocab:
             raise ModelError(
                 f"{name} has {width} output logits, fewer than the reference's {vocab}; "
                 "it cannot be compared over the reference's vocabulary"
             )
-        total = int(cache.score_ranges[:, 1].sum())
-        done = 0
-
-        def tick(n):
-            nonlocal done
-            done += n
-            if progress is not None:
-                progress(done, total)
-
         chunks = [cache.chunk(i) for i in range(cache.n_chunks)]
         ranges = [tuple(int(v) for v in r) for r in cache.score_ranges]
         parts = []
         for i, lq in iter_corpus_logprobs(
-            lm.model, chunks, ranges, chunk_tokens=ct, vocab=vocab, progress=tick
+            lm.model, chunks, ranges, chunk_tokens=ct, vocab=vocab, progress=progress
         ):
             parts.append(compare_rows(cache.rows(i), lq))
         exec_used = lm.exec
@@ -179,9 +170,3 @@ def compare(
         chunk_category=per_pos_cat,
         max_at=cache.position_of(summary["argmax"]) if summary.get("argmax") is not None else None,
     )
-
-
-def _logits_width(model) -> int:
-    import mlx.core as mx
-
-    return int(model(mx.array([[0]], dtype=mx.int32)).shape[-1])

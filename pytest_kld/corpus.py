@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import CorpusError
+from .reference import sha256_file
 
 __all__ = [
     "CorpusSpec",
@@ -135,14 +136,6 @@ def _positive_int(name: str, value, minimum: int = 1) -> int:
     if value < minimum:
         raise CorpusError(f"{name} must be at least {minimum}, got {value}")
     return value
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _bundled_prompts() -> Path:
@@ -268,7 +261,7 @@ def corpus_spec(
         source=source,
         path=str(path),
         source_format=fmt,
-        sha256=_sha256_file(path),
+        sha256=sha256_file(path),
         n_ctx=n_ctx,
         n_chunks=n_chunks,
         score_offset=score_offset,
@@ -612,7 +605,7 @@ def tokenize_corpus(spec: CorpusSpec, tokenizer) -> TokenizedCorpus:
     """Token chunks and scored ranges of ``spec`` with ``tokenizer`` (see the module doc)."""
     if not isinstance(spec, CorpusSpec):
         raise TypeError("tokenize_corpus needs a CorpusSpec: build one with corpus_spec()")
-    if Path(spec.path).is_file() and _sha256_file(Path(spec.path)) != spec.sha256:
+    if Path(spec.path).is_file() and sha256_file(Path(spec.path)) != spec.sha256:
         raise CorpusError(
             f"{spec.source}: the file changed since the corpus spec was made; build the spec again"
         )

@@ -263,11 +263,26 @@ def iter_corpus_logprobs(
     *,
     chunk_tokens: int | None = None,
     vocab: int | None = None,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Iterator[tuple[int, object]]:
-    """Yield (chunk index, float32 log-probs of its scored positions) for every chunk."""
+    """Yield (chunk index, float32 log-probs of its scored positions) for every chunk.
+
+    ``progress(done, total)`` hears the tokens run so far: (0, total) first, then after each chunk.
+    """
+    total = int(sum(int(e) for _, e in score_ranges))
+    done = 0
+    if progress is not None:
+        progress(0, total)
     for i, (toks, (s, e)) in enumerate(zip(chunks, score_ranges)):
         # Only the tokens up to the last scored output are needed.
         yield i, chunk_logprobs(model, toks[: e], s, e, chunk_tokens=chunk_tokens, vocab=vocab)
+        done += int(e)
         if progress is not None:
-            progress(int(e))
+            progress(done, total)
+
+
+def logits_width(model) -> int:
+    """The model's output width, read from one forward step (padding rows included)."""
+    import mlx.core as mx
+
+    return int(model(mx.array([[0]], dtype=mx.int32)).shape[-1])

@@ -101,7 +101,7 @@ def _sha256_json(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -220,7 +220,7 @@ class ReferenceCache:
             raise bad("it was built for other settings")
         if apath.stat().st_size != manifest.get("arrays_bytes"):
             raise bad(f"{ARRAYS} has {apath.stat().st_size} bytes, expected {manifest.get('arrays_bytes')} (truncated?)")
-        if _sha256_file(apath) != manifest.get("arrays_sha256"):
+        if sha256_file(apath) != manifest.get("arrays_sha256"):
             raise bad(f"{ARRAYS} is corrupt (checksum mismatch)")
         try:
             from safetensors.numpy import load_file
@@ -417,7 +417,7 @@ def _build(plan: ReferencePlan, *, progress=None, trust_remote_code: bool = Fals
     """Run the reference over the corpus and write the entry atomically (caller holds the lock)."""
     from .corpus import tokenize_corpus
     from .divergence import sparsify
-    from .forward import iter_corpus_logprobs, load_model
+    from .forward import iter_corpus_logprobs, load_model, logits_width
 
     entry = plan.entry
     _check_writable(entry)  # before the (long) pass, not after it
@@ -433,25 +433,14 @@ def _build(plan: ReferencePlan, *, progress=None, trust_remote_code: bool = Fals
             raise KldError(f"corpus chunk {i}: scored range [{s}, {e}) does not fit its {len(c)} tokens")
     cat_names = sorted(set(corpus.categories))
     chunk_cat = np.array([cat_names.index(c) for c in corpus.categories], dtype=np.int32)
-    vocab = _logits_width(lm)
+    vocab = logits_width(lm.model)
     tok_len = tokenizer_size(tok)
     if tok_len > vocab:
         raise KldError(f"{plan.reference}: tokenizer has {tok_len} tokens but the model only {vocab} logits")
     idt = id_dtype(vocab)
-    total = int(sum(e for _, e in ranges))
-    done = 0
-
-    def tick(n):
-        nonlocal done
-        done += n
-        if progress is not None:
-            progress(done, total)
-
-    if progress is not None:
-        progress(0, total)
     ids_l, lp_l, tail_l, tgt_l = [], [], [], []
     for i, lp in iter_corpus_logprobs(
-        lm.model, chunks, ranges, chunk_tokens=plan.settings.chunk_tokens, vocab=vocab, progress=tick
+        lm.model, chunks, ranges, chunk_tokens=plan.settings.chunk_tokens, vocab=vocab, progress=progress
     ):
         s, e = ranges[i]
         rows = sparsify(lp, chunks[i][s + 1 : e + 1], plan.settings.top_k)
@@ -528,7 +517,7 @@ def _write_entry(entry: Path, arrays: dict, manifest: dict) -> None:
             f.write(data)
         del data
         _fsync(apath)
-        manifest = dict(manifest, arrays_bytes=apath.stat().st_size, arrays_sha256=_sha256_file(apath))
+        manifest = dict(manifest, arrays_bytes=apath.stat().st_size, arrays_sha256=sha256_file(apath))
         manifest["manifest_sha256"] = _sha256_json(manifest)
         mpath = tmp / MANIFEST
         with open(mpath, "w", encoding="utf-8") as f:
@@ -598,14 +587,6 @@ def _fsync_dir(path: Path) -> None:
         _fsync(path)
     except OSError:
         pass
-
-
-def _logits_width(lm) -> int:
-    """The model's output width, read from one forward step (padding rows included)."""
-    import mlx.core as mx
-
-    out = lm.model(mx.array([[0]], dtype=mx.int32))
-    return int(out.shape[-1])
 
 
 def tokenizer_size(tok) -> int:

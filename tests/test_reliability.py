@@ -34,7 +34,7 @@ from pytest_kld.reference import (
     MANIFEST,
     ReferenceCache,
     Settings,
-    _sha256_file,
+    sha256_file,
     _sha256_json,
     ensure_reference,
     entry_path,
@@ -436,7 +436,7 @@ def _resign(entry: Path, arrays_fn=None, manifest_fn=None) -> None:
     if manifest_fn:
         manifest_fn(m)
     m["arrays_bytes"] = (entry / ARRAYS).stat().st_size
-    m["arrays_sha256"] = _sha256_file(entry / ARRAYS)
+    m["arrays_sha256"] = sha256_file(entry / ARRAYS)
     m.pop("manifest_sha256", None)
     m["manifest_sha256"] = _sha256_json(m)
     (entry / MANIFEST).write_text(json.dumps(m))
