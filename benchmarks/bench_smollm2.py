@@ -83,7 +83,6 @@ def main() -> None:
             print(f"{name:<14} {seconds:7.1f} s  {manifest.get('bits_per_weight', 0):6.3f} bpw  "
                   f"{manifest.get('description', '')}")
 
-        import mlx.core as mx
 
         model, tokenizer = _load(reference, "native")
         ids = smollm2.calibration_tokens(tokenizer, args.tokens, args.tokens)  # shape (1, tokens)

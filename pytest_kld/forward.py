@@ -14,9 +14,9 @@ Every result records the exec actually used.
 from __future__ import annotations
 
 import gc
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -205,9 +205,8 @@ def _check_config(path: Path, trust_remote_code: bool) -> None:
 
 
 def _cache_arrays(cache) -> list:
-    from mlx.utils import tree_flatten
-
     import mlx.core as mx
+    from mlx.utils import tree_flatten
 
     return [a for _, a in tree_flatten([c.state for c in cache]) if isinstance(a, mx.array)]
 

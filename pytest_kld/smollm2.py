@@ -27,9 +27,9 @@ import shutil
 import sys
 import time
 import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable
 
 from .errors import KldError, ModelError
 
@@ -603,7 +603,7 @@ def ensure_quants(
             if recipe.method != "rtn":
                 extra["calibration"] = {
                     "source": "pydoc_data.topics",
-                    "python": "%d.%d" % sys.version_info[:2],
+                    "python": "{}.{}".format(*sys.version_info[:2]),
                     "tokens": CALIBRATION_TOKENS,
                     "row": CALIBRATION_ROW,
                 }

@@ -139,7 +139,6 @@ def build_model(
 
     prefer_system_blas()
     import mlx.core as mx
-    import mlx.nn as nn
     from mlx.utils import tree_flatten, tree_map_with_path
     from mlx_lm.utils import _get_classes, save_config, save_model
 
@@ -182,7 +181,6 @@ def build_model(
         )
     )
     mx.eval(model.parameters())
-    nn.Module  # keep the import used for type checkers
     save_model(path, model)
     save_config(config, path / "config.json")
     write_tokenizer(path, merges=tokenizer_merges)

@@ -704,7 +704,7 @@ def test_merged_tokens_spans(tok_merges):
         assert c[s + 1 : e].tolist() == ids_of(tok_merges, rec.text)
         assert c[e] == im_end
     plain = tokenize_corpus(corpus_spec(n_ctx=4096, chat_template=False), tok_merges)
-    for c, (s, e), rec in zip(plain.chunks, plain.score_ranges, records):
+    for c, (s, _), rec in zip(plain.chunks, plain.score_ranges, records):
         assert c[s + 1 :].tolist() == ids_of(tok_merges, rec.text)
 
 

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import PROSE
+
 from pytest_kld.compare import compare
 from pytest_kld.corpus import corpus_spec
 from pytest_kld.errors import CacheError, KldError, ModelError, ThresholdError, TokenizerMismatch
@@ -34,11 +34,11 @@ from pytest_kld.reference import (
     MANIFEST,
     ReferenceCache,
     Settings,
-    sha256_file,
     _sha256_json,
     ensure_reference,
     entry_path,
     plan_reference,
+    sha256_file,
 )
 
 PKG = Path(__file__).resolve().parents[1] / "pytest_kld"
@@ -677,10 +677,10 @@ def test_model_errors_one_line(llama, prose_spec, pristine, tmp_path, monkeypatc
     root, rel, _ = pristine
     cache = ReferenceCache.load(root / rel)
     cache_dir = tmp_path / "cache"
-    for what, (model, words) in cases.items():
-        for role, attempt in (
-            ("reference", lambda: ensure_reference(model, prose_spec, S8, cache_dir=cache_dir)),
-            ("compared", lambda: compare(cache, model)),
+    for model, words in cases.values():
+        for attempt in (
+            lambda model=model: ensure_reference(model, prose_spec, S8, cache_dir=cache_dir),
+            lambda model=model: compare(cache, model),
         ):
             with pytest.raises(ModelError) as e:
                 attempt()
