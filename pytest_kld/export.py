@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 from .errors import KldError
+from .report import best_value, elevated_parts, family_text, overrides_text, params_text
 
 DIRECTION = "KL(reference ‖ quant)"
 
@@ -50,15 +51,6 @@ def _pct(v) -> str:
 
 def _mb(v) -> str:
     return _num(v / 1e6, "{:.1f}") if isinstance(v, (int, float)) else "-"
-
-
-def _params(v) -> str:
-    if not isinstance(v, (int, float)):
-        return "-"
-    for unit, div in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
-        if v >= div:
-            return f"{v / div:.3g}{unit}"
-    return str(int(v))
 
 
 def _passed(row: dict):
@@ -112,20 +104,37 @@ def _table(headings: list[str], body: list[list[str]], right: set[int]) -> list[
     return lines
 
 
-def _hist_text(hist: dict | None, unit: str = "b") -> str:
-    if not hist:
-        return ""
-    return ", ".join(f"{n}×{b}{unit}" for b, n in sorted(hist.items(), key=lambda kv: int(kv[0])))
-
-
 def _elevated_text(elevated: dict | None) -> str:
-    if not elevated:
-        return "none"
-    parts = []
-    for role, hist in elevated.items():
-        for b, n in sorted(hist.items(), key=lambda kv: int(kv[0])):
-            parts.append(f"{role} {b}b ×{n}")
-    return ", ".join(parts)
+    return ", ".join(elevated_parts(elevated)) or "none"
+
+
+# Leaderboard columns that mark their best value (the reference excluded): key, better.
+_MARKED = {
+    "bpw": "low",
+    "size": "low",
+    "mean": "low",
+    "mean_per_bit": "low",
+    "median": "low",
+    "p95": "low",
+    "p99": "low",
+    "max": "low",
+    "top1": "high",
+}
+
+
+def _flat(row: dict) -> dict:
+    """The figures of a row that the Markdown leaderboard marks, under one name each."""
+    info, s = row.get("info") or {}, _summary(row)
+    bpw, mean = info.get("bits_per_weight"), _mean(row)
+    out = {k: s.get(k) for k in ("median", "p95", "p99", "max", "top1")}
+    out.update(
+        bpw=bpw,
+        size=info.get("weight_bytes"),
+        mean=mean,
+        mean_per_bit=mean / bpw if mean is not None and isinstance(bpw, (int, float)) and bpw > 0 else None,
+        is_reference=row.get("is_reference"),
+    )
+    return {k: (None if isinstance(v, bool) and k != "is_reference" else v) for k, v in out.items()}
 
 
 def markdown(rows, header: dict | None = None) -> str:
@@ -146,6 +155,7 @@ def markdown(rows, header: dict | None = None) -> str:
         "bits/w",
         "size MB",
         f"mean {DIRECTION}",
+        "mean/bit",
         "median",
         "P95",
         "P99",
@@ -155,36 +165,47 @@ def markdown(rows, header: dict | None = None) -> str:
         "result",
     ]
     body = []
-    for n, row in enumerate(rows, 1):
+    flat = [_flat(r) for r in rows]
+    best = {k: best_value(flat, k, better) for k, better in _MARKED.items()}
+
+    def cell(text: str, f: dict, key: str) -> str:
+        v = f.get(key)
+        if best[key] is not None and v == best[key] and not f.get("is_reference") and text not in ("-", "nan"):
+            return f"**{text}**"
+        return text
+
+    for n, (row, f) in enumerate(zip(rows, flat), 1):
         info = row.get("info") or {}
         s = _summary(row)
         count = s.get("count")
-        mean = _num(s.get("mean"))
-        if isinstance(s.get("se"), (int, float)) and mean not in ("-", "nan"):
+        mean = cell(_num(s.get("mean")), f, "mean")
+        if isinstance(s.get("se"), (int, float)) and not isinstance(s.get("se"), bool) and _mean(row) is not None:
             mean += f" ± {_num(s['se'], '{:.2g}')}"
         body.append(
             [
                 str(n),
                 _esc(row.get("model", "?")),
                 _esc(info.get("label") or "-"),
-                _num(info.get("bits_per_weight"), "{:.3f}"),
-                _mb(info.get("weight_bytes")),
+                cell(_num(info.get("bits_per_weight"), "{:.3f}"), f, "bpw"),
+                cell(_mb(info.get("weight_bytes")), f, "size"),
                 mean,
-                _num(s.get("median")),
-                _num(s.get("p95")),
-                _num(s.get("p99")),
-                _num(s.get("max")),
-                _pct(s.get("top1")),
+                cell(_num(f.get("mean_per_bit")), f, "mean_per_bit"),
+                cell(_num(s.get("median")), f, "median"),
+                cell(_num(s.get("p95")), f, "p95"),
+                cell(_num(s.get("p99")), f, "p99"),
+                cell(_num(s.get("max")), f, "max"),
+                cell(_pct(s.get("top1")), f, "top1"),
                 str(int(count)) if isinstance(count, (int, float)) else "-",
                 _result(row),
             ]
         )
-    out += _table(headings, body, right={0, 3, 4, 5, 6, 7, 8, 9, 10, 11})
+    out += _table(headings, body, right=set(range(len(headings) - 1)) - {1, 2})
     out.append("")
     out.append(
         f"{DIRECTION} in nats per scored position, weighted by the reference's probabilities; "
-        "lower is better. top-1: positions where both models rank the same token first. "
-        "bits/w: every tensor's bytes × 8 / parameters of the unquantised model."
+        "lower is better. **Bold**: best in its column, the reference excluded. "
+        "mean/bit: mean KLD / bits per weight. top-1: positions where both models rank the same "
+        "token first. bits/w: every tensor's bytes × 8 / parameters of the unquantised model."
     )
     out.append("")
 
@@ -208,22 +229,17 @@ def markdown(rows, header: dict | None = None) -> str:
                 [_esc(row.get("model", "?")), _esc(f"unreadable: {info['error']}")] + ["-"] * 6
             )
             continue
-        fam = info.get("family") or "-"
-        if info.get("recipe"):
-            fam = f"{fam} ({info['recipe']})"
-        ov = info.get("overrides")
-        ov_text = "-" if ov is None else str(ov)
-        if ov:
-            ov_text += f" ({_hist_text(info.get('override_bits'))})"
+        fam = family_text(info) if info else "-"
+        ov_text = overrides_text(info)
         quantized = info.get("quantized")
         body.append(
             [
                 _esc(row.get("model", "?")),
                 _esc(fam),
-                _esc(info.get("mode") or "-"),
+                _esc((info.get("mode") if quantized else info.get("dtype")) or info.get("mode") or "-"),
                 _esc(info.get("base_bits") if info.get("base_bits") is not None else "-"),
                 _esc(info.get("group_size") if info.get("group_size") is not None else "-"),
-                _params(info.get("params")),
+                params_text(info.get("params")),
                 _esc(ov_text),
                 _esc(_elevated_text(info.get("elevated")) if quantized else "-"),
             ]
@@ -263,9 +279,10 @@ def _color(row: dict) -> str:
 def write_chart(rows, path, *, title: str | None = None, dpi: int = 120) -> Path:
     """A PNG of mean KLD (log y) against effective bits per weight, one labelled point per model.
 
-    Rows without a positive, finite mean or without bits per weight (the reference against
-    itself reads 0) are listed in a note instead of plotted. Green: passed, red: failed,
-    blue: no verdict.
+    Labels are placed so that they overlap neither each other nor the points. The reference is
+    not plotted (its KLD against itself is 0, off a log axis): a note names it, with its bits
+    per weight; other rows without a positive, finite mean or without bits per weight are listed
+    in the same note. Green: passed, red: failed, blue: no verdict.
     """
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -278,17 +295,20 @@ def write_chart(rows, path, *, title: str | None = None, dpi: int = 120) -> Path
 
     path = Path(os.fspath(path))
     fig = Figure(figsize=(8, 5), dpi=dpi)
-    FigureCanvasAgg(fig)
+    canvas = FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    plotted, skipped = [], []
+    plotted, skipped, references = [], [], []
     for row in ordered_rows(rows):
         mean = _mean(row)
         bpw = (row.get("info") or {}).get("bits_per_weight")
-        if (
+        if row.get("is_reference"):
+            references.append(row)
+        elif (
             mean is None
             or not math.isfinite(mean)
             or mean <= 0
             or not isinstance(bpw, (int, float))
+            or isinstance(bpw, bool)
         ):
             skipped.append(row)
         else:
@@ -297,16 +317,22 @@ def write_chart(rows, path, *, title: str | None = None, dpi: int = 120) -> Path
         ax.scatter(
             [bpw], [mean], s=40, color=_color(row), zorder=3, edgecolors="black", linewidths=0.5
         )
-        ax.annotate(
-            str(row.get("model", "?")),
-            (bpw, mean),
-            textcoords="offset points",
-            xytext=(6, 4),
-            fontsize=8,
-        )
+    notes = []
+    for row in references:
+        bpw = (row.get("info") or {}).get("bits_per_weight")
+        at = f", {bpw:.2f} bits/w" if isinstance(bpw, (int, float)) else ""
+        notes.append(f"not plotted: the reference \"{row.get('model', '?')}\"{at} (KLD 0 against itself)")
+    if skipped:
+        names = ", ".join(str(r.get("model", "?")) for r in skipped)
+        notes.append(f"not plotted (mean KLD 0 or unknown, or bits/w unknown): {names}")
+    if notes:
+        ax.text(0.01, 0.01, "\n".join(notes), fontsize=7, color="dimgray", transform=ax.transAxes)
+    ax.set_xlabel("effective bits per weight (weights, scales, biases, float tensors)")
+    ax.set_ylabel("mean KLD, nats (log scale); lower is better")
+    sub = _chart_subtitle(rows)
+    ax.set_title(title or f"mean {DIRECTION} against bits per weight" + (f"\n{sub}" if sub else ""), fontsize=10)
     if plotted:
         ax.set_yscale("log")
-        ax.margins(y=0.15)
         seen = {(_passed(r), _color(r)) for _, _, r in plotted}
         names = {True: "passed", False: "failed", None: "no threshold"}
         handles = [
@@ -316,9 +342,15 @@ def write_chart(rows, path, *, title: str | None = None, dpi: int = 120) -> Path
         if len(handles) > 1:
             ax.legend(handles=handles, loc="upper right", fontsize=8)
         xs = [p[0] for p in plotted]
+        ys = [p[1] for p in plotted]
         lo, hi = min(xs), max(xs)
         pad = max(0.25, 0.08 * (hi - lo))
         ax.set_xlim(lo - pad, hi + pad + 0.15 * (hi - lo + 1))
+        ylo, yhi = math.log10(min(ys)), math.log10(max(ys))
+        ypad = max(0.3, 0.12 * (yhi - ylo))
+        ax.set_ylim(10 ** (ylo - ypad - (0.15 * (yhi - ylo) if notes else 0)), 10 ** (yhi + ypad))
+        ax.grid(True, which="major", alpha=0.35)
+        ax.grid(True, which="minor", alpha=0.1)
     else:
         ax.text(
             0.5,
@@ -328,21 +360,10 @@ def write_chart(rows, path, *, title: str | None = None, dpi: int = 120) -> Path
             va="center",
             transform=ax.transAxes,
         )
-    if skipped:
-        names = ", ".join(str(r.get("model", "?")) for r in skipped)
-        ax.text(
-            0.01,
-            0.01,
-            f"not plotted (mean ≤ 0 or unknown): {names}",
-            fontsize=7,
-            color="gray",
-            transform=ax.transAxes,
-        )
-    ax.set_xlabel("effective bits per weight (weights, scales, biases, float tensors)")
-    ax.set_ylabel("mean KLD, nats (log scale)")
-    ax.set_title(title or f"mean {DIRECTION} against bits per weight")
-    ax.grid(True, which="both", alpha=0.3)
+        ax.grid(True, alpha=0.3)
     fig.tight_layout()
+    if plotted:
+        _place_labels(ax, canvas.get_renderer(), plotted)
     try:
         if not path.parent.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -350,3 +371,93 @@ def write_chart(rows, path, *, title: str | None = None, dpi: int = 120) -> Path
     except OSError as e:
         raise KldError(f"cannot write the KLD chart to {path}: {e.strerror or e}") from None
     return path
+
+
+def _chart_subtitle(rows) -> str:
+    """Reference, mode, positions and K of the rows (the flat keys of report.result_row)."""
+    from .report import display_name
+
+    parts = []
+    refs = sorted({str(r.get("reference")) for r in rows if r.get("reference")})
+    if refs:
+        parts.append("reference: " + ", ".join(display_name(x) for x in refs))
+    modes = sorted({str(r.get("mode")) for r in rows if r.get("mode")})
+    if modes:
+        parts.append("mode " + ", ".join(modes))
+    counts = sorted({int(_summary(r)["count"]) for r in rows if isinstance(_summary(r).get("count"), (int, float))})
+    if counts:
+        parts.append(", ".join(map(str, counts)) + " positions")
+    ks = sorted({r.get("top_k") for r in rows if isinstance(r.get("top_k"), int)})
+    if ks:
+        parts.append("K " + ", ".join(map(str, ks)))
+    return " · ".join(parts)
+
+
+# Label offsets (points) tried in order: beside the marker first, then further out with a leader.
+_OFFSETS = [
+    (7, 3, "left"), (7, -11, "left"), (-7, 3, "right"), (-7, -11, "right"),
+    (0, 8, "center"), (0, -17, "center"),
+    (14, 14, "left"), (14, -24, "left"), (-14, 14, "right"), (-14, -24, "right"),
+    (0, 22, "center"), (0, -31, "center"), (24, 26, "left"), (-24, 26, "right"),
+    (24, -36, "left"), (-24, -36, "right"),
+]
+
+
+def _place_labels(ax, renderer, plotted) -> None:
+    """Label each point where its text overlaps no other label, no marker and stays inside the
+    axes; failing that, where it overlaps least. Far placements get a thin leader line."""
+    from matplotlib.transforms import Bbox
+
+    axes_box = ax.get_window_extent(renderer)
+    r = 6.0 * ax.figure.dpi / 72  # marker radius and a margin, in pixels
+    markers = []
+    for bpw, mean, _ in plotted:
+        x, y = ax.transData.transform((bpw, mean))
+        markers.append(Bbox.from_extents(x - r, y - r, x + r, y + r))
+    halos = [m.expanded(2.2, 2.2) for m in markers]
+    taken: list = []
+    legend = ax.get_legend()
+    if legend is not None:
+        taken.append(legend.get_window_extent(renderer))
+
+    def overlap(a, b) -> float:
+        w = min(a.x1, b.x1) - max(a.x0, b.x0)
+        h = min(a.y1, b.y1) - max(a.y0, b.y0)
+        return w * h if w > 0 and h > 0 else 0.0
+
+    # the most crowded points first, so they get the nearest places
+    def crowd(i):
+        x0, y0 = markers[i].x0, markers[i].y0
+        return -sum(1 for m in markers if abs(m.x0 - x0) < 80 and abs(m.y0 - y0) < 40)
+
+    for i in sorted(range(len(plotted)), key=crowd):
+        bpw, mean, row = plotted[i]
+        best = None
+        for dx, dy, ha in _OFFSETS:
+            far = abs(dx) > 10 or abs(dy) > 20
+            ann = ax.annotate(
+                str(row.get("model", "?")),
+                (bpw, mean),
+                textcoords="offset points",
+                xytext=(dx, dy),
+                ha=ha,
+                fontsize=8,
+                arrowprops={"arrowstyle": "-", "color": "gray", "lw": 0.5, "shrinkA": 0, "shrinkB": 4} if far else None,
+            )
+            box = ann.get_window_extent(renderer).expanded(1.04, 1.1)
+            outside = box.width * box.height - overlap(box, axes_box)
+            cost = outside * 4 + sum(overlap(box, o) for o in taken) + sum(
+                overlap(box, m) for j, m in enumerate(markers) if j != i
+            )
+            cost += 0.5 * sum(overlap(box, m) for j, m in enumerate(markers) if j == i)
+            # a label close to another point reads as that point's: keep a wider berth
+            cost += 0.3 * sum(overlap(box, m) for j, m in enumerate(halos) if j != i)
+            if best is None or cost < best[0]:
+                if best is not None:
+                    best[1].remove()
+                best = (cost, ann, box)
+            else:
+                ann.remove()
+            if cost == 0:
+                break
+        taken.append(best[2])

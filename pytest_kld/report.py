@@ -80,16 +80,22 @@ def _fmt(fmt: str, v) -> str:
         return str(v)
 
 
-def _best(rows: list[dict], key: str, better: str):
+def best_value(rows: list[dict], key: str, better: str):
+    """The best finite value of ``key`` over the rows that are not the reference; None when there
+    is nothing to mark (fewer than two such values, or all equal)."""
     vals = [r.get(key) for r in rows if not r.get("is_reference")]
     vals = [v for v in vals if isinstance(v, (int, float)) and math.isfinite(v)]
-    if len(vals) < 2:
+    if len(vals) < 2 or min(vals) == max(vals):
         return None
     return min(vals) if better == "low" else max(vals)
 
 
-def leaderboard_lines(rows: list[dict], *, by_category: bool = False) -> list[str]:
-    """The leaderboard as lines of text: header, table sorted by mean KLD, best marked with *."""
+def leaderboard_lines(
+    rows: list[dict], *, by_category: bool = False, quant: bool = True, width: int = 120
+) -> list[str]:
+    """The leaderboard as lines of text: table sorted by mean KLD, best marked with * (the
+    reference excluded), then the per-model quantisation table (``quant``) and the mean KLD per
+    corpus category (``by_category``)."""
     if not rows:
         return []
     rows = sorted((dict(r) for r in rows), key=lambda r: (not r.get("is_reference"), _sort_mean(r)))
@@ -102,7 +108,7 @@ def leaderboard_lines(rows: list[dict], *, by_category: bool = False) -> list[st
         r["result"] = {"passed": "pass", "failed": "FAIL"}.get(r.get("outcome"), r.get("outcome") or "-")
         if r.get("is_reference"):
             r["result"] = "reference"
-    best = {k: _best(rows, k, b) for k, _, _, b in COLUMNS if b}
+    best = {k: best_value(rows, k, b) for k, _, _, b in COLUMNS if b}
     table = [[h for _, h, _, _ in COLUMNS]]
     for r in rows:
         line = []
@@ -119,7 +125,9 @@ def leaderboard_lines(rows: list[dict], *, by_category: bool = False) -> list[st
         out.append("  ".join(cells))
         if j == 0:
             out.append("  ".join("-" * w for w in widths))
-    out.append("* best in column (reference excluded); KLD in nats, " + DIRECTION)
+    out.append(f"* best in column (reference excluded). KLD: nats, {DIRECTION}, lower is better. mean/bit = mean / bits/w")
+    if quant:
+        out.extend(quant_lines(rows, width=width))
     if by_category:
         out.extend(category_lines(rows))
     return out
@@ -159,13 +167,133 @@ def header_line(rows: list[dict]) -> str:
 
 
 def category_lines(rows: list[dict]) -> list[str]:
-    """Mean KLD per corpus category, one line per model."""
+    """Mean KLD per corpus category, one line per model; the lowest per category (reference
+    excluded) marked with *."""
     cats = sorted({c for r in rows for c in (r.get("categories") or {})})
     if not cats:
         return []
-    width = max(len(r["model"]) for r in rows)
-    out = ["", "mean KLD by category:", " ".join(["model".ljust(width)] + [c.rjust(10) for c in cats])]
+
+    def mean(r, c):
+        return ((r.get("categories") or {}).get(c) or {}).get("mean")
+
+    best = {c: best_value([{"m": mean(r, c), "is_reference": r.get("is_reference")} for r in rows], "m", "low") for c in cats}
+    table = [["model", *cats]]
     for r in rows:
-        vals = [_fmt("{:.5f}", (r.get("categories") or {}).get(c, {}).get("mean")).rjust(10) for c in cats]
-        out.append(" ".join([r["model"].ljust(width)] + vals))
+        cells = [str(r.get("model"))]
+        for c in cats:
+            v = mean(r, c)
+            mark = "*" if best[c] is not None and v == best[c] and not r.get("is_reference") else ""
+            cells.append(_fmt("{:.5f}", v) + mark)
+        table.append(cells)
+    widths = [max(len(t[i]) for t in table) for i in range(len(table[0]))]
+    out = ["", f"mean KLD by category (nats, {DIRECTION}; * lowest, reference excluded):"]
+    for t in table:
+        out.append("  ".join([t[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(t[1:], widths[1:])]))
     return out
+
+
+# -- the per-model quantisation table (from ModelInfo dicts; models.py reads the files)
+
+
+def bits_hist_text(hist: dict | None) -> str:
+    """``{"6": 28, "8": 2}`` -> ``"6b ×28, 8b ×2"`` (a count of one is not written)."""
+    parts = []
+    for b, n in sorted((hist or {}).items(), key=lambda kv: _int_or(kv[0])):
+        parts.append(f"{b}b" + (f" ×{n}" if n != 1 else ""))
+    return ", ".join(parts)
+
+
+def elevated_parts(elevated: dict | None) -> list[str]:
+    """Tensors above the base bits by role, in models.py's role order: ``["embed_tokens 6b",
+    "self_attn 6b ×14", ...]``."""
+    return [f"{role} {bits_hist_text({b: n})}" for role, hist in (elevated or {}).items()
+            for b, n in sorted(hist.items(), key=lambda kv: _int_or(kv[0]))]
+
+
+def overrides_text(info: dict) -> str:
+    n = info.get("overrides")
+    if n is None:
+        return "-"
+    return f"{n} ({bits_hist_text(info.get('override_bits'))})" if n and info.get("override_bits") else str(n)
+
+
+def params_text(v) -> str:
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return "-"
+    for unit, div in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if v >= div:
+            return f"{v / div:.3g}{unit}"
+    return str(int(v))
+
+
+def family_text(info: dict) -> str:
+    fam = info.get("family") or "unknown"
+    return f"{fam} ({info['recipe']})" if info.get("recipe") else fam
+
+
+def _int_or(v):
+    try:
+        return (0, int(v))
+    except (TypeError, ValueError):
+        return (1, str(v))
+
+
+QUANT_HEADINGS = ["model", "family", "mode", "base", "params", "overrides (bits)", "elevated above base (by role)"]
+
+
+def quant_cells(info: dict) -> list[str]:
+    """family, mode, base, params, overrides, elevated of one model's ModelInfo dict."""
+    if info.get("error"):
+        return ["metadata unreadable: " + str(info["error"]), "", "", "", "", ""]
+    if not info:
+        return ["-"] * 6
+    if not info.get("quantized"):
+        return [family_text(info), info.get("dtype") or info.get("label") or "-", "-",
+                params_text(info.get("params")), overrides_text(info), "-"]
+    base = "-" if info.get("base_bits") is None else f"{info['base_bits']}b"
+    if info.get("group_size") is not None:
+        base += f" g{info['group_size']}"
+    return [family_text(info), info.get("mode") or "-", base, params_text(info.get("params")),
+            overrides_text(info), ", ".join(elevated_parts(info.get("elevated"))) or "none"]
+
+
+def quant_lines(rows: list[dict], *, width: int = 120) -> list[str]:
+    """One line per model (rows of one model under other settings once): quant family, mode,
+    base bits and group size, parameters of the unquantised model, overrides with their bit
+    histogram, tensors elevated above the base by role. The last column wraps within ``width``."""
+    seen, table = set(), []
+    for r in rows:
+        ident = r.get("path") or r.get("model")
+        if ident in seen:
+            continue
+        seen.add(ident)
+        name = display_name(str(r["model_arg"])) if r.get("model_arg") else str(r.get("model"))
+        table.append([name, *quant_cells(r.get("info") or {})])
+    if not table:
+        return []
+    heads = QUANT_HEADINGS
+    widths = [max(len(heads[i]), *(len(t[i]) for t in table)) for i in range(len(heads) - 1)]
+    indent = sum(widths) + 2 * len(widths)
+    room = max(width - indent, 30)
+    out = ["", "quantisation (read from config.json and the safetensors headers):"]
+    for t in [heads, None, *table]:
+        if t is None:
+            out.append("  ".join("-" * w for w in widths) + "  " + "-" * min(room, max(len(x[-1]) for x in [heads, *table])))
+            continue
+        head = "  ".join(c.ljust(w) for c, w in zip(t[:-1], widths)) + "  "
+        for k, piece in enumerate(_wrap(t[-1], room)):
+            out.append(((head if k == 0 else " " * indent) + piece).rstrip())
+    return out
+
+
+def _wrap(text: str, room: int) -> list[str]:
+    """Split a ", "-joined list into lines of at most ``room`` characters (never inside an item)."""
+    lines, cur = [], ""
+    for item in text.split(", "):
+        cand = f"{cur}, {item}" if cur else item
+        if cur and len(cand) > room:
+            lines.append(cur + ",")
+            cur = item
+        else:
+            cur = cand
+    return [*lines, cur]

@@ -158,8 +158,10 @@ def test_markdown_order_and_cells(rows):
     assert cells["smol\\|mixed\\*3\\_6"][col["result"]] == "✅ pass"
     assert cells["smol-q8"][col["result"]] == "-"
     assert cells["smol-q4"][mean_col] == "0.42 ± 0.004"
-    assert cells["smol-q8"][mean_col] == "0.0016"
+    assert cells["smol-q8"][mean_col] == "**0.0016**"  # best mean, bold
     assert cells["smol-q4"][col["bits/w"]] == "4.500"
+    assert cells["smol\\|mixed\\*3\\_6"][col["bits/w"]] == "**4.340**"  # fewest bits, bold
+    assert cells["smol-ref"][col["bits/w"]] == "16.000"  # the reference is never marked
     assert cells["smol-q4"][col["top-1"]] == "90.00%"
     assert cells["smol-q4"][col["positions"]] == "4600"
 
@@ -167,8 +169,8 @@ def test_markdown_order_and_cells(rows):
     qcells = {r[0]: r for r in quant[1:]}
     mixed = qcells["smol\\|mixed\\*3\\_6"]
     assert mixed[qh.index("family")] == "RTN mixed (mixed\\_3\\_6)"
-    assert mixed[qh.index("overrides")] == "5 (5×6b)"
-    assert mixed[qh.index("tensors elevated above base")] == "lm\\_head 6b ×1, mlp 6b ×4"
+    assert mixed[qh.index("overrides")] == "5 (6b ×5)"
+    assert mixed[qh.index("tensors elevated above base")] == "lm\\_head 6b, mlp 6b ×4"
     assert qcells["smol-q4"][qh.index("tensors elevated above base")] == "none"
     assert qcells["smol-ref"][qh.index("tensors elevated above base")] == "-"
     assert qcells["smol-ref"][qh.index("params")] == "135M"
