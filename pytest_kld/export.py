@@ -277,7 +277,21 @@ def _color(row: dict) -> str:
 
 
 def write_chart(rows, path, *, title: str | None = None, dpi: int = 120) -> Path:
-    """A PNG of mean KLD (log y) against effective bits per weight, one labelled point per model.
+    """Write :func:`chart_figure` as a PNG at ``path``."""
+    path = Path(os.fspath(path))
+    fig = chart_figure(rows, title=title, dpi=dpi)
+    try:
+        if not path.parent.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, format="png")
+    except OSError as e:
+        raise KldError(f"cannot write the KLD chart to {path}: {e.strerror or e}") from None
+    return path
+
+
+def chart_figure(rows, *, title: str | None = None, dpi: int = 120):
+    """A matplotlib Figure (Agg canvas, no pyplot) of mean KLD (log y) against effective bits
+    per weight, one labelled point per model.
 
     Labels are placed so that they overlap neither each other nor the points. The reference is
     not plotted (its KLD against itself is 0, off a log axis): a note names it, with its bits
@@ -293,7 +307,6 @@ def write_chart(rows, path, *, title: str | None = None, dpi: int = 120) -> Path
             "pip install 'pytest-kld[chart]'"
         ) from None
 
-    path = Path(os.fspath(path))
     fig = Figure(figsize=(8, 5), dpi=dpi)
     canvas = FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
@@ -364,13 +377,7 @@ def write_chart(rows, path, *, title: str | None = None, dpi: int = 120) -> Path
     fig.tight_layout()
     if plotted:
         _place_labels(ax, canvas.get_renderer(), plotted)
-    try:
-        if not path.parent.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, format="png")
-    except OSError as e:
-        raise KldError(f"cannot write the KLD chart to {path}: {e.strerror or e}") from None
-    return path
+    return fig
 
 
 def _chart_subtitle(rows) -> str:

@@ -38,6 +38,8 @@ FLAGS = {
     "by-category": "add mean KLD per corpus category to the leaderboard",
     "no-chat-template": "short mode: feed prompts as plain text, not through the chat template",
     "trust-remote-code": "allow models whose config names custom Python code",
+    "full-hash": "fingerprint weights by their full contents (sha256-full), not headers and mtime "
+    "(sha256-fast, which misses a same-size edit whose mtime was restored); reads every weight byte",
 }
 CHOICES = {"mode": ("short", "long", "file"), "exec": ("auto", "native", "float32")}
 INT_MINIMUM = {"top_k": 1, "n_ctx": 2, "n_chunks": 1, "chunk_tokens": 0}
@@ -158,7 +160,8 @@ class KldSession:
             chat_template=not s.get("no_chat_template"),
         )
         settings = Settings(top_k=int(s["top_k"]), chunk_tokens=int(s["chunk_tokens"]), exec=s["exec"])
-        key = (s["reference"], s.get("revision"), repr(spec), settings, s.get("cache_dir"))
+        full_hash = bool(s.get("full_hash"))
+        key = (s["reference"], s.get("revision"), repr(spec), settings, s.get("cache_dir"), full_hash)
         if key not in self.caches:
             try:
                 self.caches[key] = ensure_reference(
@@ -170,6 +173,7 @@ class KldSession:
                     rebuild_before=self.start if s.get("rebuild") else None,
                     progress=Progress(self.config, f"{s['reference']} [{spec.mode}]"),
                     trust_remote_code=bool(s.get("trust_remote_code")),
+                    full_hash=full_hash,
                 )
             except Exception as e:  # remembered: later tests fail fast with the same line
                 self.caches[key] = e
@@ -370,6 +374,7 @@ def kld_compare(request, kld_session):
                 chunk_tokens=int(s["chunk_tokens"]),
                 name=name,
                 trust_remote_code=bool(s.get("trust_remote_code")),
+                full_hash=bool(s.get("full_hash")),
             )
         except KldError as e:
             result, message = None, str(e)

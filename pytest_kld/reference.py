@@ -333,13 +333,19 @@ def plan_reference(
     *,
     cache_dir: str | os.PathLike | None = None,
     revision: str | None = None,
+    full_hash: bool = False,
 ) -> ReferencePlan:
-    """Resolve the reference and compute its cache key, without importing mlx."""
+    """Resolve the reference and compute its cache key, without importing mlx.
+
+    ``full_hash`` keys the cache on a hash of the weights' full contents ("sha256-full:"), not
+    the fast header-and-mtime fingerprint ("sha256-fast:"), which misses a same-size edit of the
+    tensor data whose mtime was restored. The two kinds are different cache entries.
+    """
     from .forward import resolve_exec
     from .models import resolve_model, tokenizer_fingerprint, weights_fingerprint
 
     path = resolve_model(reference, revision=revision)
-    fp = weights_fingerprint(path)
+    fp = weights_fingerprint(path, full=full_hash)
     tfp = tokenizer_fingerprint(path)
     exec_used = resolve_exec(settings.exec)
     material = _key_material(fp, tfp, corpus.key_dict(), settings, exec_used)
@@ -360,17 +366,21 @@ def ensure_reference(
     progress: Callable[[int, int], None] | None = None,
     trust_remote_code: bool = False,
     on_build: Callable[[ReferencePlan], None] | None = None,
+    full_hash: bool = False,
 ) -> ReferenceCache:
     """Load the cache entry for this reference, corpus and settings, building it if needed.
 
     Serialised by a file lock, so concurrent processes build it once and all read the same bytes.
     ``rebuild`` forces a new build; ``rebuild_before`` (a UNIX time) rebuilds only an entry made
     before it, so several workers of one session asked to rebuild do it once.
-    A corrupt entry raises CacheError unless a rebuild was asked for.
+    A corrupt entry raises CacheError unless a rebuild was asked for. ``full_hash``: see
+    :func:`plan_reference`.
     """
     from filelock import FileLock
 
-    plan = plan_reference(reference, corpus, settings, cache_dir=cache_dir, revision=revision)
+    plan = plan_reference(
+        reference, corpus, settings, cache_dir=cache_dir, revision=revision, full_hash=full_hash
+    )
     entry = plan.entry
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)

@@ -186,7 +186,7 @@ def category_lines(rows: list[dict]) -> list[str]:
             cells.append(_fmt("{:.5f}", v) + mark)
         table.append(cells)
     widths = [max(len(t[i]) for t in table) for i in range(len(table[0]))]
-    out = ["", f"mean KLD by category (nats, {DIRECTION}; * lowest, reference excluded):"]
+    out = ["", f"mean KLD by category: nats, {DIRECTION}; * lowest (reference excluded)"]
     for t in table:
         out.append("  ".join([t[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(t[1:], widths[1:])]))
     return out
@@ -196,10 +196,12 @@ def category_lines(rows: list[dict]) -> list[str]:
 
 
 def bits_hist_text(hist: dict | None) -> str:
-    """``{"6": 28, "8": 2}`` -> ``"6b ×28, 8b ×2"`` (a count of one is not written)."""
+    """``{"6": 28, "8": 2, "16": 4}`` -> ``"6b ×28, 8b ×2, 16b float ×4"`` (a count of one is not
+    written; above 8 bits a matrix is a float one left unquantised, under its dtype's width)."""
     parts = []
     for b, n in sorted((hist or {}).items(), key=lambda kv: _int_or(kv[0])):
-        parts.append(f"{b}b" + (f" ×{n}" if n != 1 else ""))
+        kind = " float" if _int_or(b)[0] == 0 and int(b) > 8 else ""
+        parts.append(f"{b}b{kind}" + (f" ×{n}" if n != 1 else ""))
     return ", ".join(parts)
 
 
@@ -238,29 +240,28 @@ def _int_or(v):
         return (1, str(v))
 
 
-QUANT_HEADINGS = ["model", "family", "mode", "base", "params", "overrides (bits)", "elevated above base (by role)"]
+QUANT_HEADINGS = ["model", "family", "mode", "base", "overrides (bits)", "elevated above base (by role)"]
 
 
 def quant_cells(info: dict) -> list[str]:
-    """family, mode, base, params, overrides, elevated of one model's ModelInfo dict."""
+    """family, mode, base, overrides, elevated of one model's ModelInfo dict."""
     if info.get("error"):
-        return ["metadata unreadable: " + str(info["error"]), "", "", "", "", ""]
+        return ["metadata unreadable: " + str(info["error"]), "", "", "", ""]
     if not info:
-        return ["-"] * 6
+        return ["-"] * 5
     if not info.get("quantized"):
-        return [family_text(info), info.get("dtype") or info.get("label") or "-", "-",
-                params_text(info.get("params")), overrides_text(info), "-"]
+        return [family_text(info), info.get("dtype") or info.get("label") or "-", "-", overrides_text(info), "-"]
     base = "-" if info.get("base_bits") is None else f"{info['base_bits']}b"
     if info.get("group_size") is not None:
         base += f" g{info['group_size']}"
-    return [family_text(info), info.get("mode") or "-", base, params_text(info.get("params")),
-            overrides_text(info), ", ".join(elevated_parts(info.get("elevated"))) or "none"]
+    return [family_text(info), info.get("mode") or "-", base, overrides_text(info),
+            ", ".join(elevated_parts(info.get("elevated"))) or "none"]
 
 
 def quant_lines(rows: list[dict], *, width: int = 120) -> list[str]:
     """One line per model (rows of one model under other settings once): quant family, mode,
-    base bits and group size, parameters of the unquantised model, overrides with their bit
-    histogram, tensors elevated above the base by role. The last column wraps within ``width``."""
+    base bits and group size, overrides with their bit histogram, tensors elevated above the
+    base by role. The last column wraps within ``width``."""
     seen, table = set(), []
     for r in rows:
         ident = r.get("path") or r.get("model")
@@ -274,7 +275,7 @@ def quant_lines(rows: list[dict], *, width: int = 120) -> list[str]:
     heads = QUANT_HEADINGS
     widths = [max(len(heads[i]), *(len(t[i]) for t in table)) for i in range(len(heads) - 1)]
     indent = sum(widths) + 2 * len(widths)
-    room = max(width - indent, 30)
+    room = max(width - indent, 24)  # narrower than that, the line runs long rather than read badly
     out = ["", "quantisation (read from config.json and the safetensors headers):"]
     for t in [heads, None, *table]:
         if t is None:
