@@ -352,8 +352,7 @@ def chart_figure(rows, *, title: str | None = None, dpi: int = 120):
             ax.scatter([], [], s=40, color=c, edgecolors="black", linewidths=0.5, label=names[p])
             for p, c in sorted(seen, key=lambda pc: str(pc[0]))
         ]
-        if len(handles) > 1:
-            ax.legend(handles=handles, loc="upper right", fontsize=8)
+        ax.legend(handles=handles, loc="upper right", fontsize=8)  # what the colours mean
         xs = [p[0] for p in plotted]
         ys = [p[1] for p in plotted]
         lo, hi = min(xs), max(xs)
