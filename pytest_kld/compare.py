@@ -18,6 +18,11 @@ from .errors import ModelError, TokenizerMismatch
 from .reference import TOKENIZER_PROBE, ReferenceCache, tokenizer_size
 
 
+# How the tail beyond the cached top K is treated (divergence.py): one bin plus the estimated
+# inner KL of the tails from the log-ratio spread at ranks K/2..K.
+ESTIMATOR = "top-K + tail bin + tail spread (ranks K/2..K)"
+
+
 @dataclass
 class KldResult:
     """Everything one comparison produced. The per-position arrays stay for later breakdowns."""
@@ -164,7 +169,8 @@ def compare(
         path=str(path),
         exec=exec_used,
         reference=dict(cache.manifest["reference"]),
-        settings={**settings, "corpus": cache.manifest.get("corpus", {}), "blas": prefer_system_blas()},
+        settings={**settings, "corpus": cache.manifest.get("corpus", {}), "blas": prefer_system_blas(),
+                  "estimator": ESTIMATOR},
         summary=summary,
         categories=categories,
         info=info,

@@ -25,7 +25,7 @@ at ranks 128-256 and 256-2048); at K=256 the mean bias goes from −3%..−4.7% 
 Properties kept: exact when K equals the vocabulary (no tail); self-comparison is exactly 0
 (every ε is 0); never below the one-bin lower bound (the added term is ≥ 0). It is no longer
 a lower bound itself. ``compare_rows(..., tail_spread=False)`` gives the one-bin bound.
-Log-softmax and gathers run in float32 in MLX; the sums run in float64 in numpy.
+Log-softmax, top-K and tails run in float32 in numpy; the KL sums run in float64.
 """
 
 from __future__ import annotations
@@ -47,33 +47,33 @@ class SparseRows:
 
 
 def sparsify(lp, targets: np.ndarray, top_k: int) -> SparseRows:
-    """Top-K of float32 log-probs ``lp`` ([n, V] mx.array) with the tail mass, no cancellation.
+    """Top-K of float32 log-probs ``lp`` ([n, V]) with the tail mass, no cancellation.
 
     The tail is log Σ_{x ∉ top-K} p(x), a log-sum-exp over the remaining entries, never
     ``log(1 - Σ top-K)``, which loses all precision when the tail is small.
     """
-    import mlx.core as mx
+    from .forward import logsumexp
 
+    lp = np.asarray(lp, dtype=np.float32)
     n, v = lp.shape
     k = min(int(top_k), int(v))
-    tg = mx.array(targets.astype(np.int32))[:, None]
-    target = mx.take_along_axis(lp, tg, axis=-1)[:, 0]
+    rows = np.arange(n)
+    target = lp[rows, np.asarray(targets, dtype=np.int64)]
     if k == v:
-        idx = mx.argsort(-lp, axis=-1)
-        tail = mx.full((n,), -mx.inf, dtype=mx.float32)
+        idx = np.argsort(-lp, axis=-1, kind="stable")
+        tail = np.full(n, -np.inf, dtype=np.float32)
     else:
-        idx = mx.argpartition(-lp, kth=k - 1, axis=-1)[:, :k]
-        order = mx.argsort(-mx.take_along_axis(lp, idx, axis=-1), axis=-1)
-        idx = mx.take_along_axis(idx, order, axis=-1)
-        rest = mx.put_along_axis(lp, idx, mx.array(-mx.inf, dtype=lp.dtype), axis=-1)
-        tail = mx.logsumexp(rest, axis=-1)
-    vals = mx.take_along_axis(lp, idx, axis=-1)
-    mx.eval(idx, vals, tail, target)
+        idx = np.argpartition(-lp, k - 1, axis=-1)[:, :k]
+        order = np.argsort(-np.take_along_axis(lp, idx, axis=-1), axis=-1, kind="stable")
+        idx = np.take_along_axis(idx, order, axis=-1)
+        rest = lp.copy()
+        np.put_along_axis(rest, idx, -np.inf, axis=-1)
+        tail = logsumexp(rest)
     return SparseRows(
-        ids=np.array(idx, copy=False).astype(np.int64),
-        logprobs=np.array(vals, copy=False).astype(np.float32),
-        tail=np.array(tail, copy=False).astype(np.float32),
-        target=np.array(target, copy=False).astype(np.float32),
+        ids=idx.astype(np.int64),
+        logprobs=np.take_along_axis(lp, idx, axis=-1).astype(np.float32),
+        tail=tail.astype(np.float32),
+        target=target.astype(np.float32),
         target_ids=np.asarray(targets, dtype=np.int64),
     )
 
@@ -92,27 +92,25 @@ class PositionStats:
 def compare_rows(ref: SparseRows, lq, *, tail_spread: bool = True) -> PositionStats:
     """KL(reference ‖ quant) at each position from the sparse reference and dense quant log-probs.
 
-    ``lq`` is the quant's float32 log-probs over the reference's vocabulary ([n, V] mx.array).
+    ``lq`` is the quant's float32 log-probs over the reference's vocabulary ([n, V]).
     ``tail_spread``: add the tail's estimated inner KL (module docstring); False gives the
     one-bin lower bound.
     """
-    import mlx.core as mx
+    from .forward import logsumexp
 
-    ids = mx.array(ref.ids.astype(np.int32))
-    q_top = mx.take_along_axis(lq, ids, axis=-1)
-    has_tail = bool(np.any(np.isfinite(ref.tail)))
-    if has_tail:
-        rest = mx.put_along_axis(lq, ids, mx.array(-mx.inf, dtype=lq.dtype), axis=-1)
-        q_tail = mx.logsumexp(rest, axis=-1)
+    lq = np.asarray(lq, dtype=np.float32)
+    n = lq.shape[0]
+    finite = np.all(np.isfinite(lq), axis=-1)
+    q_arg = np.argmax(lq, axis=-1)
+    q_target = lq[np.arange(n), ref.target_ids].astype(np.float64)
+    q_top = np.take_along_axis(lq, ref.ids, axis=-1).astype(np.float64)
+    if bool(np.any(np.isfinite(ref.tail))):
+        rest = lq.copy()
+        np.put_along_axis(rest, ref.ids, -np.inf, axis=-1)
+        with np.errstate(invalid="ignore"):
+            q_tail = logsumexp(rest).astype(np.float64)
     else:
-        q_tail = mx.full((lq.shape[0],), -mx.inf, dtype=mx.float32)
-    q_arg = mx.argmax(lq, axis=-1)
-    finite = mx.all(mx.isfinite(lq), axis=-1)
-    mx.eval(q_top, q_tail, q_arg, finite)
-
-    q_top = np.array(q_top, copy=False).astype(np.float64)
-    q_tail = np.array(q_tail, copy=False).astype(np.float64)
-    finite = np.array(finite, copy=False).astype(bool)
+        q_tail = np.full(n, -np.inf)
     p_lp = ref.logprobs.astype(np.float64)
     p = np.exp(p_lp)
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
@@ -125,10 +123,9 @@ def compare_rows(ref: SparseRows, lq, *, tail_spread: bool = True) -> PositionSt
     kl = kl + tail_term
     kl[~finite] = np.nan
 
-    q_target = _gather(lq, ref.target_ids)
     return PositionStats(
         kl=kl,
-        top1=np.array(q_arg, copy=False).astype(np.int64) == ref.ids[:, 0],
+        top1=q_arg.astype(np.int64) == ref.ids[:, 0],
         ref_target=np.asarray(ref.target, dtype=np.float64),
         quant_target=q_target,
         finite=finite,
@@ -143,13 +140,6 @@ def tail_inner_kl(log_ratio: np.ndarray) -> np.ndarray:
     if window.shape[-1] < 2:
         return np.zeros(log_ratio.shape[:-1])
     return 0.5 * np.var(window, axis=-1)
-
-
-def _gather(lq, targets: np.ndarray) -> np.ndarray:
-    import mlx.core as mx
-
-    g = mx.take_along_axis(lq, mx.array(targets.astype(np.int32))[:, None], axis=-1)[:, 0]
-    return np.array(g.astype(mx.float32), copy=False).astype(np.float64)
 
 
 def dense_kl(ref_lp: np.ndarray, quant_lp: np.ndarray) -> np.ndarray:

@@ -222,9 +222,13 @@ def chunk_logprobs(
 ):
     """Run ``tokens`` (one chunk) through ``model`` in pieces of ``chunk_tokens`` with a KV cache.
 
-    Returns float32 log-probs (an ``mx.array`` of shape [end - start, V]) of output positions
+    Returns float32 log-probs (a numpy array of shape [end - start, V]) of output positions
     [start, end): the distributions over the token that follows each of those positions. The
     log-softmax is taken over the first ``vocab`` logits (the reference's vocabulary), in float32.
+
+    The vocabulary-wide work after the forward pass (log-softmax here, top-K and tails in
+    divergence.py) runs in numpy: on a CPU, MLX's elementwise exp and argpartition over
+    [n, V] are 5-10x slower than numpy's (benchmarks/bench_pipeline.py).
     """
     import mlx.core as mx
     from mlx_lm.models.cache import make_prompt_cache
@@ -242,17 +246,28 @@ def chunk_logprobs(
             lg = logits[lo - s : hi - s]
             if vocab is not None:
                 lg = lg[:, :vocab]
-            lg = lg.astype(mx.float32)
-            lp = lg - mx.logsumexp(lg, axis=-1, keepdims=True)
-            mx.eval(lp)
-            pieces.append(lp)
+            pieces.append(log_softmax(np.array(lg.astype(mx.float32))))
         else:
             mx.eval(logits[-1:], *_cache_arrays(cache))
         if e >= end:
             break
     if not pieces:
-        return mx.zeros((0, vocab or 0), dtype=mx.float32)
-    return pieces[0] if len(pieces) == 1 else mx.concatenate(pieces, axis=0)
+        return np.zeros((0, vocab or 0), dtype=np.float32)
+    return pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=0)
+
+
+def logsumexp(a: np.ndarray) -> np.ndarray:
+    """log Σ exp over the last axis, float32, stable; -inf for a row that is all -inf."""
+    m = np.max(a, axis=-1, keepdims=True)
+    m = np.where(np.isfinite(m), m, np.float32(0))
+    with np.errstate(divide="ignore"):
+        return (np.log(np.sum(np.exp(a - m), axis=-1, keepdims=True)) + m)[..., 0]
+
+
+def log_softmax(lg: np.ndarray) -> np.ndarray:
+    """Float32 log-softmax over the last axis, in place on ``lg`` (a fresh copy of the logits)."""
+    lg -= logsumexp(lg)[..., None]
+    return lg
 
 
 def iter_corpus_logprobs(
