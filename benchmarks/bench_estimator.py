@@ -102,7 +102,6 @@ def _entropy_bound(ref_tail: np.ndarray, q_tail: np.ndarray, r_t: np.ndarray, q_
 
 
 def measure(root: Path, quant: str, chunks, ranges, vocab: int) -> dict[str, np.ndarray]:
-    import mlx.core as mx
 
     from pytest_kld.divergence import compare_rows, dense_kl, sparsify
     from pytest_kld.forward import chunk_logprobs, load_model

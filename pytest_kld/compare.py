@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from .errors import ModelError, TokenizerMismatch
 from .reference import TOKENIZER_PROBE, ReferenceCache, tokenizer_size
-
 
 # How the tail beyond the cached top K is treated (divergence.py): one bin plus the estimated
 # inner KL of the tails from the log-ratio spread at ranks K/2..K.

@@ -26,9 +26,9 @@ import shutil
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -182,7 +182,7 @@ class ReferenceCache:
         return {"chunk": c, "position": pos, "token": int(toks[pos]), "next_token": int(toks[pos + 1])}
 
     @classmethod
-    def load(cls, path: str | Path, *, expect_key: str | None = None) -> "ReferenceCache":
+    def load(cls, path: str | Path, *, expect_key: str | None = None) -> ReferenceCache:
         """Load and fully validate the cache entry at ``path``; any doubt is a CacheError."""
         path = Path(path)
         mpath = path / MANIFEST
