@@ -34,7 +34,7 @@ import numpy as np
 
 from .errors import CacheError, KldError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: log-softmax and top-K in numpy (float32), not MLX
 ARRAYS = "arrays.safetensors"
 MANIFEST = "manifest.json"
 REBUILD_HINT = "rerun with --kld-rebuild (or delete the directory) to rebuild it"
