@@ -23,37 +23,28 @@ _BASE = {
     "tie_word_embeddings": False,
 }
 
+# The hybrid (gated delta net + full attention every 2nd layer) text config of qwen3_5 models.
+_HYBRID = {
+    **_BASE,
+    "num_hidden_layers": 4,
+    "head_dim": 16,
+    "linear_num_value_heads": 4,
+    "linear_num_key_heads": 2,
+    "linear_key_head_dim": 16,
+    "linear_value_head_dim": 16,
+    "linear_conv_kernel_dim": 4,
+    "full_attention_interval": 2,
+}
+
 ARCHS: dict[str, dict] = {
     "llama": {**_BASE, "model_type": "llama", "rope_theta": 10000.0},
     "qwen3": {**_BASE, "model_type": "qwen3", "head_dim": 16, "rope_theta": 10000.0},
-    "qwen3_5": {
-        "model_type": "qwen3_5",
-        "text_config": {
-            **_BASE,
-            "model_type": "qwen3_5_text",
-            "num_hidden_layers": 4,
-            "head_dim": 16,
-            "linear_num_value_heads": 4,
-            "linear_num_key_heads": 2,
-            "linear_key_head_dim": 16,
-            "linear_value_head_dim": 16,
-            "linear_conv_kernel_dim": 4,
-            "full_attention_interval": 2,
-        },
-    },
+    "qwen3_5": {"model_type": "qwen3_5", "text_config": {**_HYBRID, "model_type": "qwen3_5_text"}},
     "qwen3_5_moe": {
         "model_type": "qwen3_5_moe",
         "text_config": {
-            **_BASE,
+            **_HYBRID,
             "model_type": "qwen3_5_moe_text",
-            "num_hidden_layers": 4,
-            "head_dim": 16,
-            "linear_num_value_heads": 4,
-            "linear_num_key_heads": 2,
-            "linear_key_head_dim": 16,
-            "linear_value_head_dim": 16,
-            "linear_conv_kernel_dim": 4,
-            "full_attention_interval": 2,
             "num_experts": 4,
             "num_experts_per_tok": 2,
             "moe_intermediate_size": 64,
@@ -62,6 +53,26 @@ ARCHS: dict[str, dict] = {
         },
     },
 }
+
+
+def routers_float_shared8_linear6(path, module):
+    """A quant predicate for mixed-precision tests: MoE routers left in float, shared experts
+    8-bit, linear attention 6-bit, everything else at the base bits."""
+    if path.endswith("mlp.gate") or "shared_expert_gate" in path:
+        return False
+    if "shared_expert." in path:
+        return {"bits": 8, "group_size": 64, "mode": "affine"}
+    if "linear_attn" in path:
+        return {"bits": 6, "group_size": 64, "mode": "affine"}
+    return True
+
+
+def embed_head_8(path, module):
+    """A quant predicate: embedding and output head 8-bit (group 32), the rest at the base."""
+    if "embed_tokens" in path or "lm_head" in path:
+        return {"bits": 8, "group_size": 32, "mode": "affine"}
+    return True
+
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (

@@ -21,6 +21,7 @@ from pytest_kld.report import (
     quant_lines,
     result_row,
 )
+from pytest_kld.testing import embed_head_8, routers_float_shared8_linear6
 
 SETTINGS = Settings(top_k=64, chunk_tokens=64)
 
@@ -163,21 +164,6 @@ def test_help_lists_full_hash_with_its_ini_key(pytester, monkeypatch):
 # ---------------------------------------------------------------------------------------------
 
 
-def _routers_float_shared8_linear6(path, module):
-    """Routers left in float, shared experts 8-bit, linear attention 6-bit, the rest at q_bits."""
-    if path.endswith("mlp.gate") or "shared_expert_gate" in path:
-        return False
-    if "shared_expert." in path:
-        return {"bits": 8, "group_size": 64, "mode": "affine"}
-    if "linear_attn" in path:
-        return {"bits": 6, "group_size": 64, "mode": "affine"}
-    return True
-
-
-def _embed_head_8(path, module):
-    if "embed_tokens" in path or "lm_head" in path:
-        return {"bits": 8, "group_size": 32, "mode": "affine"}
-    return True
 
 
 # name: (arch, quantize kwargs)
@@ -186,11 +172,11 @@ QUANTS = {
     "llama-q4": ("llama", dict(bits=4)),
     "llama-q3": ("llama", dict(bits=3)),
     "llama-m36": ("llama", dict(bits=4, predicate="mixed_3_6")),
-    "llama-eh8": ("llama", dict(bits=4, predicate=_embed_head_8)),
-    "qwen35-lin6": ("qwen3_5", dict(bits=4, predicate=_routers_float_shared8_linear6)),
+    "llama-eh8": ("llama", dict(bits=4, predicate=embed_head_8)),
+    "qwen35-lin6": ("qwen3_5", dict(bits=4, predicate=routers_float_shared8_linear6)),
     "moe-q4": ("qwen3_5_moe", dict(bits=4)),
     "moe-m36": ("qwen3_5_moe", dict(bits=3, predicate="mixed_3_6")),
-    "moe-custom": ("qwen3_5_moe", dict(bits=4, predicate=_routers_float_shared8_linear6)),
+    "moe-custom": ("qwen3_5_moe", dict(bits=4, predicate=routers_float_shared8_linear6)),
 }
 
 

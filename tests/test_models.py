@@ -23,6 +23,7 @@ from pytest_kld.models import (
     tokenizer_fingerprint,
     weights_fingerprint,
 )
+from pytest_kld.testing import embed_head_8, routers_float_shared8_linear6
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -457,21 +458,6 @@ def test_tokenizer_fingerprint_fallback_files(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-def _hi_shared_lin_float_router(path, module):
-    """A callable predicate: routers left in float, shared experts 8-bit, linear attention 6-bit."""
-    if path.endswith("mlp.gate") or "shared_expert_gate" in path:
-        return False
-    if "shared_expert." in path:
-        return {"bits": 8, "group_size": 64, "mode": "affine"}
-    if "linear_attn" in path:
-        return {"bits": 6, "group_size": 64, "mode": "affine"}
-    return True
-
-
-def _hi_embed_head(path, module):
-    if "embed_tokens" in path or "lm_head" in path:
-        return {"bits": 8, "group_size": 32, "mode": "affine"}
-    return True
 
 
 # (source arch, name, quantize kwargs)
@@ -480,7 +466,7 @@ QUANTS = [
     ("llama", "llama-q8g32", dict(bits=8, group_size=32)),
     ("llama", "llama-m36", dict(bits=4, group_size=64, predicate="mixed_3_6")),
     ("llama", "llama-m46", dict(bits=4, group_size=64, predicate="mixed_4_6")),
-    ("llama", "llama-eh8", dict(bits=4, group_size=64, predicate=_hi_embed_head)),
+    ("llama", "llama-eh8", dict(bits=4, group_size=64, predicate=embed_head_8)),
     ("llama", "llama-mxfp4", dict(bits=4, group_size=32, mode="mxfp4")),
     ("llama", "llama-nvfp4", dict(bits=4, group_size=16, mode="nvfp4")),
     ("llama", "llama-mxfp8", dict(bits=8, group_size=32, mode="mxfp8")),
@@ -490,14 +476,14 @@ QUANTS = [
     (
         "qwen3_5",
         "qwen3_5-custom",
-        dict(bits=4, group_size=64, predicate=_hi_shared_lin_float_router),
+        dict(bits=4, group_size=64, predicate=routers_float_shared8_linear6),
     ),
     ("qwen3_5_moe", "moe-q4", dict(bits=4, group_size=64)),
     ("qwen3_5_moe", "moe-m36", dict(bits=3, group_size=64, predicate="mixed_3_6")),
     (
         "qwen3_5_moe",
         "moe-custom",
-        dict(bits=4, group_size=64, predicate=_hi_shared_lin_float_router),
+        dict(bits=4, group_size=64, predicate=routers_float_shared8_linear6),
     ),
 ]
 
