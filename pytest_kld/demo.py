@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         str(project / "tests"),
         f"--kld-reference={reference}",
         f"--kld-cache-dir={(args.cache_dir or default_cache_dir()) / 'kld-cache'}",
-        "--kld-json=kld-demo-results.json",
+        f"--kld-json={(args.cache_dir or default_cache_dir()) / 'kld-demo-results.json'}",
         "-o", "console_output_style=classic",
         *selected,
         *extra,
