@@ -136,10 +136,10 @@ def compare(
         chunks = [cache.chunk(i) for i in range(cache.n_chunks)]
         ranges = [tuple(int(v) for v in r) for r in cache.score_ranges]
         parts = []
-        for i, lq in iter_corpus_logprobs(
+        for i, row, lq in iter_corpus_logprobs(
             lm.model, chunks, ranges, chunk_tokens=ct, vocab=vocab, progress=progress
         ):
-            parts.append(compare_rows(cache.rows(i), lq))
+            parts.append(compare_rows(cache.rows(i, row, row + len(lq)), lq))
         exec_used = lm.exec
     finally:
         lm.release()

@@ -211,7 +211,7 @@ def _cache_arrays(cache) -> list:
     return [a for _, a in tree_flatten([c.state for c in cache]) if isinstance(a, mx.array)]
 
 
-def chunk_logprobs(
+def iter_chunk_logprobs(
     model,
     tokens: np.ndarray,
     start: int,
@@ -219,12 +219,15 @@ def chunk_logprobs(
     *,
     chunk_tokens: int | None = None,
     vocab: int | None = None,
-):
+) -> Iterator[tuple[int, np.ndarray]]:
     """Run ``tokens`` (one chunk) through ``model`` in pieces of ``chunk_tokens`` with a KV cache.
 
-    Returns float32 log-probs (a numpy array of shape [end - start, V]) of output positions
-    [start, end): the distributions over the token that follows each of those positions. The
-    log-softmax is taken over the first ``vocab`` logits (the reference's vocabulary), in float32.
+    Yields (offset, log-probs) per piece: float32 numpy arrays [rows, V] of the scored output
+    positions in that piece, ``offset`` counted from ``start``. Together they cover output
+    positions [start, end): the distributions over the token that follows each of those
+    positions. The log-softmax is over the first ``vocab`` logits (the reference's vocabulary).
+    Memory holds one piece's logits at a time, not a whole chunk's (1 GB at 1,024 positions of a
+    248k vocabulary).
 
     The vocabulary-wide work after the forward pass (log-softmax here, top-K and tails in
     divergence.py) runs in numpy: on a CPU, MLX's elementwise exp and argpartition over
@@ -237,7 +240,6 @@ def chunk_logprobs(
     step = n if not chunk_tokens or chunk_tokens <= 0 else int(chunk_tokens)
     cache = make_prompt_cache(model)
     ids = mx.array(tokens.astype(np.int32))[None]
-    pieces = []
     for s in range(0, n, step):
         e = min(n, s + step)
         logits = model(ids[:, s:e], cache=cache)[0]
@@ -246,11 +248,16 @@ def chunk_logprobs(
             lg = logits[lo - s : hi - s]
             if vocab is not None:
                 lg = lg[:, :vocab]
-            pieces.append(log_softmax(np.array(lg.astype(mx.float32))))
+            yield lo - start, log_softmax(np.array(lg.astype(mx.float32)))
         else:
             mx.eval(logits[-1:], *_cache_arrays(cache))
         if e >= end:
             break
+
+
+def chunk_logprobs(model, tokens, start, end, *, chunk_tokens=None, vocab=None) -> np.ndarray:
+    """All of :func:`iter_chunk_logprobs` as one float32 array [end - start, V]."""
+    pieces = [lp for _, lp in iter_chunk_logprobs(model, tokens, start, end, chunk_tokens=chunk_tokens, vocab=vocab)]
     if not pieces:
         return np.zeros((0, vocab or 0), dtype=np.float32)
     return pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=0)
@@ -278,8 +285,9 @@ def iter_corpus_logprobs(
     chunk_tokens: int | None = None,
     vocab: int | None = None,
     progress: Callable[[int, int], None] | None = None,
-) -> Iterator[tuple[int, object]]:
-    """Yield (chunk index, float32 log-probs of its scored positions) for every chunk.
+) -> Iterator[tuple[int, int, np.ndarray]]:
+    """Yield (chunk index, row offset within the chunk's scored rows, float32 log-probs) for
+    every forward piece of every chunk (see :func:`iter_chunk_logprobs`).
 
     ``progress(done, total)`` hears the tokens run so far: (0, total) first, then after each chunk.
     """
@@ -289,7 +297,8 @@ def iter_corpus_logprobs(
         progress(0, total)
     for i, (toks, (s, e)) in enumerate(zip(chunks, score_ranges)):
         # Only the tokens up to the last scored output are needed.
-        yield i, chunk_logprobs(model, toks[: e], s, e, chunk_tokens=chunk_tokens, vocab=vocab)
+        for row, lp in iter_chunk_logprobs(model, toks[:e], s, e, chunk_tokens=chunk_tokens, vocab=vocab):
+            yield i, row, lp
         done += int(e)
         if progress is not None:
             progress(done, total)

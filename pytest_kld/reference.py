@@ -160,18 +160,20 @@ class ReferenceCache:
     def chunk(self, i: int) -> np.ndarray:
         return self.tokens[self.chunk_offsets[i] : self.chunk_offsets[i + 1]]
 
-    def rows(self, i: int):
-        """The reference's sparse record of chunk ``i``'s scored positions."""
+    def rows(self, i: int, lo: int = 0, hi: int | None = None):
+        """The reference's sparse record of chunk ``i``'s scored positions (rows ``lo:hi`` of them)."""
         from .divergence import SparseRows
 
-        a, b = self.row_offsets[i], self.row_offsets[i + 1]
-        s, e = self.score_ranges[i]
+        n = int(self.row_offsets[i + 1] - self.row_offsets[i])
+        hi = n if hi is None else hi
+        a, b = self.row_offsets[i] + lo, self.row_offsets[i] + hi
+        s = int(self.score_ranges[i][0])
         return SparseRows(
             ids=self.topk_ids[a:b].astype(np.int64),
             logprobs=self.topk_logprobs[a:b],
             tail=self.tail[a:b],
             target=self.target[a:b],
-            target_ids=self.chunk(i)[s + 1 : e + 1].astype(np.int64),
+            target_ids=self.chunk(i)[s + lo + 1 : s + hi + 1].astype(np.int64),
         )
 
     def position_of(self, row: int) -> dict:
@@ -449,11 +451,11 @@ def _build(plan: ReferencePlan, *, progress=None, trust_remote_code: bool = Fals
         raise KldError(f"{plan.reference}: tokenizer has {tok_len} tokens but the model only {vocab} logits")
     idt = id_dtype(vocab)
     ids_l, lp_l, tail_l, tgt_l = [], [], [], []
-    for i, lp in iter_corpus_logprobs(
+    for i, row, lp in iter_corpus_logprobs(
         lm.model, chunks, ranges, chunk_tokens=plan.settings.chunk_tokens, vocab=vocab, progress=progress
     ):
-        s, e = ranges[i]
-        rows = sparsify(lp, chunks[i][s + 1 : e + 1], plan.settings.top_k)
+        first = ranges[i][0] + row  # the output position of this piece's first row
+        rows = sparsify(lp, chunks[i][first + 1 : first + 1 + len(lp)], plan.settings.top_k)
         if not (np.all(np.isfinite(rows.logprobs)) and np.all(np.isfinite(rows.target))):
             raise KldError(f"{plan.reference}: the reference produced NaN or inf log-probs in chunk {i}")
         ids_l.append(rows.ids.astype(idt))
