@@ -220,29 +220,24 @@ def main() -> None:
 
     quants = [q for q in args.quants if q != "reference"]
     lines += ["### Bias of the estimator vs dense float64 KL, by K (mean bias / P99 bias)", ""]
-    lines += ["| quant | dense mean | dense P99 | " + " | ".join(f"K={k} one bin | K={k} spread" for k in KS) + " |"]
-    lines += ["|---" * (3 + 2 * len(KS)) + "|"]
-    for q in quants:
-        d = results[q]["dense"]
-        cells = []
-        for k in KS:
-            for kind in ("bin", "spread"):
-                f = figures(results[q][f"{kind} K={k}"], d)
-                cells.append(f"{f['mean_bias']:+.2%} / {f['p99_bias']:+.2%}")
-        lines.append(f"| {q} | {d.mean():.5g} | {np.quantile(d, 0.99):.4g} | " + " | ".join(cells) + " |")
+
+    def table(lead_heads, lead_cells, cell):
+        """A Markdown table: lead columns, then one-bin and spread cells for every K."""
+        out = ["| quant | " + "".join(f"{h} | " for h in lead_heads)
+               + " | ".join(f"K={k} one bin | K={k} spread" for k in KS) + " |"]
+        out.append("|---" * (1 + len(lead_heads) + 2 * len(KS)) + "|")
+        for q in quants:
+            d = results[q]["dense"]
+            cells = [cell(figures(results[q][f"{kind} K={k}"], d)) for k in KS for kind in ("bin", "spread")]
+            out.append(f"| {q} | " + "".join(f"{c} | " for c in lead_cells(d)) + " | ".join(cells) + " |")
+        return out
+
+    lines += table(["dense mean", "dense P99"], lambda d: [f"{d.mean():.5g}", f"{np.quantile(d, 0.99):.4g}"],
+                   lambda f: f"{f['mean_bias']:+.2%} / {f['p99_bias']:+.2%}")
     small = {q: int(np.sum(results[q]["dense"] < REL_FLOOR)) for q in quants}
     lines += ["", "### Per-position error by K (P99 of |err|/dense where dense >= 1e-4; max |err| nats)", ""]
     lines += [f"Positions below 1e-4 nats (left out of relative figures): {small}.", ""]
-    lines += ["| quant | " + " | ".join(f"K={k} one bin | K={k} spread" for k in KS) + " |"]
-    lines += ["|---" * (1 + 2 * len(KS)) + "|"]
-    for q in quants:
-        d = results[q]["dense"]
-        cells = []
-        for k in KS:
-            for kind in ("bin", "spread"):
-                f = figures(results[q][f"{kind} K={k}"], d)
-                cells.append(f"{f['rel_p99']:.1%}; {f['abs_max']:.2e}")
-        lines.append(f"| {q} | " + " | ".join(cells) + " |")
+    lines += table([], lambda d: [], lambda f: f"{f['rel_p99']:.1%}; {f['abs_max']:.2e}")
     lines += ["", "### Candidates (bytes/position; self = mean and max KL of the reference against itself)", ""]
     lines += ["| candidate | B/pos | quant | mean bias | P99 bias | rel err P50 | rel err P99 | abs err P99 | abs err max |"]
     lines += ["|---|---|---|---|---|---|---|---|---|"]
