@@ -3,13 +3,15 @@
     python -m pytest_kld REFERENCE QUANT [QUANT ...] [--mode short] [--top-k 256] [--json PATH]
 
 Builds (or loads) the reference cache, compares each quant in turn (one model in memory at a
-time) and prints the leaderboard. Exit status: 0, or 2 on a usage or input error (one line).
+time) and prints the leaderboard. Exit status: 0; 1 when a model is broken (NaN or inf
+log-probs at more than --nonfinite positions); 2 on a usage or input error (one line).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -32,17 +34,29 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-chat-template", action="store_true")
     ap.add_argument("--by-category", action="store_true")
     ap.add_argument("--json", default=None, help="write every result (no per-position arrays) here")
+    ap.add_argument("--nonfinite", type=int, default=0, metavar="N",
+                    help="positions with NaN or inf log-probs a model may have before it fails (default: 0)")
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.json:  # fail now, not after every comparison has run
+        parent = os.path.dirname(os.path.abspath(os.path.expanduser(args.json)))
+        if not os.path.isdir(parent):
+            print(f"pytest-kld: --json {args.json}: directory {parent} does not exist", file=sys.stderr)
+            return 2
+    if args.nonfinite < 0:
+        print(f"pytest-kld: --nonfinite {args.nonfinite}: must be at least 0", file=sys.stderr)
+        return 2
     from .blas import prefer_system_blas
 
     prefer_system_blas()  # before mlx is imported
     from .compare import compare
     from .corpus import corpus_spec
     from .errors import KldError
+    from .files import write_text
+    from .plugin import _jsonable, _strict, nonfinite_line
     from .reference import Settings, ensure_reference
     from .report import header_line, leaderboard_lines, result_row
 
@@ -58,10 +72,15 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings(top_k=args.top_k, chunk_tokens=args.chunk_tokens, exec=args.exec)
         cache = ensure_reference(args.reference, spec, settings, cache_dir=args.cache_dir,
                                  rebuild=args.rebuild, progress=progress)
-        rows = []
+        rows, failed = [], 0
         for model in args.quants:
             print(f"pytest-kld: comparing {model}", file=sys.stderr, flush=True)
-            rows.append(result_row(compare(cache, model)))
+            result = compare(cache, model)
+            line = nonfinite_line(result, args.nonfinite)
+            if line:
+                print(f"pytest-kld: {result.model} is broken: {line}", file=sys.stderr)
+                failed += 1
+            rows.append(result_row(result, "failed" if line else "passed"))
     except KldError as e:
         print(f"pytest-kld: {e}", file=sys.stderr)
         return 2
@@ -69,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     for line in leaderboard_lines(rows, by_category=args.by_category):
         print(line)
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"direction": "KL(reference || quant)", "results": rows}, f, indent=2, default=str)
-    return 0
+        doc = {"direction": "KL(reference || quant)", "results": rows}
+        text = json.dumps(_strict(json.loads(json.dumps(doc, default=_jsonable))), indent=2, allow_nan=False)
+        write_text(args.json, text)
+    return 1 if failed else 0

@@ -16,7 +16,16 @@ import os
 from pathlib import Path
 
 from .errors import KldError
-from .report import best_value, elevated_parts, family_text, overrides_text, params_text
+from .report import (
+    NONFINITE_NOTE,
+    best_value,
+    elevated_parts,
+    family_text,
+    nonfinite,
+    nonfinite_text,
+    overrides_text,
+    params_text,
+)
 
 DIRECTION = "KL(reference ‖ quant)"
 
@@ -69,6 +78,8 @@ def _result(row: dict) -> str:
     if row.get("is_reference"):
         return "reference"
     passed = _passed(row)
+    if nonfinite(row) and passed is not True:
+        return "❌ fail: non-finite" if passed is False else "❌ non-finite"
     if passed is True:
         return "✅ pass"
     if passed is False:
@@ -88,6 +99,7 @@ def ordered_rows(rows) -> list[dict]:
         rows,
         key=lambda r: (
             not r.get("is_reference"),
+            nonfinite(r) > 0,
             _mean(r) is None,
             _mean(r) if _mean(r) is not None else 0.0,
         ),
@@ -133,6 +145,7 @@ def _flat(row: dict) -> dict:
         mean=mean,
         mean_per_bit=mean / bpw if mean is not None and isinstance(bpw, (int, float)) and bpw > 0 else None,
         is_reference=row.get("is_reference"),
+        nonfinite=nonfinite(row),
     )
     return {k: (None if isinstance(v, bool) and k != "is_reference" else v) for k, v in out.items()}
 
@@ -164,13 +177,17 @@ def markdown(rows, header: dict | None = None) -> str:
         "positions",
         "result",
     ]
+    broken = any(nonfinite(r) for r in rows)
+    if broken:
+        headings.insert(-1, "non-finite")
     body = []
     flat = [_flat(r) for r in rows]
     best = {k: best_value(flat, k, better) for k, better in _MARKED.items()}
 
     def cell(text: str, f: dict, key: str) -> str:
         v = f.get(key)
-        if best[key] is not None and v == best[key] and not f.get("is_reference") and text not in ("-", "nan"):
+        clean = not f.get("is_reference") and not nonfinite(f)
+        if best[key] is not None and v == best[key] and clean and text not in ("-", "nan"):
             return f"**{text}**"
         return text
 
@@ -196,6 +213,7 @@ def markdown(rows, header: dict | None = None) -> str:
                 cell(_num(s.get("max")), f, "max"),
                 cell(_pct(s.get("top1")), f, "top1"),
                 str(int(count)) if isinstance(count, (int, float)) else "-",
+                *([nonfinite_text(row)] if broken else []),
                 _result(row),
             ]
         )
@@ -206,6 +224,7 @@ def markdown(rows, header: dict | None = None) -> str:
         "lower is better. **Bold**: best in its column, the reference excluded. "
         "mean/bit: mean KLD / bits per weight. top-1: positions where both models rank the same "
         "token first. bits/w: every tensor's bytes × 8 / parameters of the unquantised model."
+        + (f" {NONFINITE_NOTE[0].upper()}{NONFINITE_NOTE[1:]}." if broken else "")
     )
     out.append("")
 
@@ -254,15 +273,16 @@ def write_markdown(rows, path, header: dict | None = None, *, append: bool = Fal
 
     ``append=True`` adds to the file, as ``$GITHUB_STEP_SUMMARY`` expects from each step.
     """
+    from .files import write_text
+
     path = Path(os.fspath(path))
     text = markdown(rows, header)
     try:
         if path.parent and not path.parent.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a" if append else "w", encoding="utf-8") as f:
-            if append and path.exists() and path.stat().st_size:
-                f.write("\n")
-            f.write(text)
+        if append and path.is_file() and not path.is_symlink() and path.stat().st_size:
+            text = "\n" + text
+        write_text(path, text, append=append)
     except OSError as e:
         raise KldError(f"cannot write the Markdown summary to {path}: {e.strerror or e}") from None
     return path
@@ -278,12 +298,18 @@ def _color(row: dict) -> str:
 
 def write_chart(rows, path, *, title: str | None = None, dpi: int = 120) -> Path:
     """Write :func:`chart_figure` as a PNG at ``path``."""
+    import io
+
+    from .files import write_bytes
+
     path = Path(os.fspath(path))
     fig = chart_figure(rows, title=title, dpi=dpi)
     try:
         if not path.parent.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, format="png")
+        png = io.BytesIO()
+        fig.savefig(png, format="png")
+        write_bytes(path, png.getvalue())
     except OSError as e:
         raise KldError(f"cannot write the KLD chart to {path}: {e.strerror or e}") from None
     return path

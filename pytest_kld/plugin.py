@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import sys
 import time
@@ -355,35 +356,68 @@ def kld_reference(kld_session):
 
 @pytest.fixture
 def kld_compare(request, kld_session):
-    """``kld_compare(model, name=None, exec=None) -> KldResult``: compare with no thresholds
-    (the test's ``@pytest.mark.kld`` settings apply)."""
-    from .errors import KldError
-
+    """``kld_compare(model, *, name=None, exec=None, nonfinite=0) -> KldResult``: compare with
+    no KLD thresholds (the test's ``@pytest.mark.kld`` settings apply). A model whose log-probs
+    are NaN or inf at more than ``nonfinite`` positions is broken: the test fails."""
     s = kld_session.effective(_marker_overrides(request.node))
     cache = _cache_for(kld_session, s)
 
-    def run(model, *, name=None, exec=None):
-        from .compare import compare
-
+    def run(model, *, name=None, exec=None, nonfinite=0):
         __tracebackhide__ = True
-        try:
-            result = compare(
-                cache,
-                model,
-                exec=exec or (None if s["exec"] == "auto" else s["exec"]),
-                chunk_tokens=int(s["chunk_tokens"]),
-                name=name,
-                trust_remote_code=bool(s.get("trust_remote_code")),
-                full_hash=bool(s.get("full_hash")),
-            )
-        except KldError as e:
-            result, message = None, str(e)
-        if result is None:
-            pytest.fail(message, pytrace=False)
-        _record(request.node, result)
+        allowed = _allowed_nonfinite(nonfinite, "kld_compare")
+        result = _compare(request.node, cache, s, model, name=name, exec=exec)
+        line = nonfinite_line(result, allowed)
+        if line:
+            pytest.fail(f"{result.model} is broken: {line}", pytrace=False)
         return result
 
+    run.cache, run.settings = cache, s  # assert_kld compares through the same cache and settings
     return run
+
+
+def _compare(node, cache, s: dict, model, *, name=None, exec=None):
+    """One comparison for a test, recorded for the leaderboard; a KldError fails the test."""
+    __tracebackhide__ = True
+    from .compare import compare
+    from .errors import KldError
+
+    try:
+        result = compare(
+            cache,
+            model,
+            exec=exec or (None if s["exec"] == "auto" else s["exec"]),
+            chunk_tokens=int(s["chunk_tokens"]),
+            name=name,
+            trust_remote_code=bool(s.get("trust_remote_code")),
+            full_hash=bool(s.get("full_hash")),
+        )
+    except KldError as e:
+        result, message = None, str(e)
+    if result is None:
+        pytest.fail(message, pytrace=False)
+    _record(node, result)
+    return result
+
+
+def _allowed_nonfinite(value, where: str) -> int:
+    __tracebackhide__ = True
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        pytest.fail(f"{where}: nonfinite={value!r} must be a whole number of positions, at least 0", pytrace=False)
+    return int(value)
+
+
+def nonfinite_line(result, allowed: int = 0) -> str | None:
+    """The failure line of a model with more NaN/inf positions than ``allowed``, else None."""
+    s = result.summary
+    bad = int(s.get("nonfinite") or 0)
+    if bad <= allowed:
+        return None
+    total = int(s.get("count") or 0) + bad
+    return (
+        f"{bad} of {total} positions ({bad / max(total, 1):.1%}) had NaN or inf log-probs, more than the "
+        f"{allowed} allowed; a model that computes NaN or inf is broken, not over a budget "
+        "(check the weights and the quantisation; nonfinite=N allows N such positions)"
+    )
 
 
 def _record(node, result) -> None:
@@ -442,7 +476,8 @@ def check_thresholds(result, thresholds: dict, categories: dict | None = None) -
 
 
 def validate_thresholds(limits: dict, where: str = "assert_kld") -> dict:
-    """Refuse unknown keywords and nonsensical values with one line."""
+    """Refuse unknown keywords and nonsensical values with one line; any real number type
+    (int, float, numpy scalars, Fraction, Decimal) is accepted."""
     from .errors import ThresholdError
 
     out = {}
@@ -451,14 +486,38 @@ def validate_thresholds(limits: dict, where: str = "assert_kld") -> dict:
             raise ThresholdError(f"{where}: unknown threshold {key!r}; known: {', '.join(THRESHOLDS)}")
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        number = _real(value)
+        if number is None or not math.isfinite(number):
             raise ThresholdError(f"{where}: threshold {key}={value!r} must be a finite number")
-        if value < 0:
+        if number < 0:
             raise ThresholdError(f"{where}: threshold {key}={value!r} is negative; KLD is never below 0")
-        if key == "top1" and value > 1:
+        if key == "top1" and number > 1:
             raise ThresholdError(f"{where}: threshold top1={value!r} is a fraction and must be at most 1")
-        out[key] = float(value)
+        out[key] = number
     return out
+
+
+def _real(value) -> float | None:
+    """``value`` as a float if it is a real number (not a bool), else None; inf if too large."""
+    # Real numbers: int, float, Fraction, numpy scalars (numbers.Real) and Decimal (a Number
+    # that is not Complex); never bool, str or complex.
+    real = isinstance(value, numbers.Real) or (
+        isinstance(value, numbers.Number) and not isinstance(value, numbers.Complex)
+    )
+    if isinstance(value, bool) or not real:
+        try:  # numpy scalars register as numbers.Real; 0-d arrays and the like do not
+            import numpy as np
+
+            if not (isinstance(value, np.generic) and np.issubdtype(type(value), np.number)):
+                return None
+        except ImportError:
+            return None
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf
+    except (TypeError, ValueError):
+        return None
 
 
 @pytest.fixture
@@ -475,9 +534,10 @@ def assert_kld(request, kld_session, kld_compare):
     """
     from .errors import KldError
 
-    def run(model, *args, categories=None, name=None, exec=None, **limits):
+    def run(model, *args, categories=None, name=None, exec=None, nonfinite=0, **limits):
         __tracebackhide__ = True
         message = None
+        allowed = _allowed_nonfinite(nonfinite, "assert_kld")
         try:
             if args:
                 raise KldError(
@@ -496,23 +556,29 @@ def assert_kld(request, kld_session, kld_compare):
             message = str(e)
         if message:
             pytest.fail(message, pytrace=False)
-        result = kld_compare(model, name=name, exec=exec)
+        result = _compare(request.node, kld_compare.cache, kld_compare.settings, model, name=name, exec=exec)
         lines, broken = check_thresholds(result, thresholds, cats)
         s = result.summary
-        nonfinite = s.get("nonfinite", 0)
-        total = s.get("count", 0) + nonfinite
-        if nonfinite:
+        bad = int(s.get("nonfinite") or 0)
+        total = s.get("count", 0) + bad
+        nan_line = nonfinite_line(result, allowed)
+        if nan_line:
             broken += 1
-            lines.insert(0, f"{nonfinite} of {total} positions had NaN or inf log-probs (left out of the figures)  FAILED")
+            lines.insert(0, f"{nan_line}  FAILED")
         if broken:
             st, corpus = result.settings, result.settings.get("corpus") or {}
-            head = f"KLD over threshold for {result.model} against {result.reference.get('name')}: {broken} of {len(lines)} checks failed"
+            what = "broken model" if nan_line and broken == 1 else "KLD over threshold"
+            head = f"{what} for {result.model} against {result.reference.get('name')}: {broken} of {len(lines)} checks failed"
             where = (
                 f"{result.direction} in nats over {total} scored positions; mode {corpus.get('mode')}, "
                 f"K={st.get('top_k')}, n_ctx {corpus.get('n_ctx', '-')}, exec {result.exec}, "
                 f"chunk_tokens {st.get('chunk_tokens')}"
             )
-            hint = "If the new figures are expected, raise the thresholds in the test."
+            hint = (
+                "The model is broken (NaN/inf), so no threshold can make it pass."
+                if nan_line and broken == 1
+                else "If the new figures are expected, raise the thresholds in the test."
+            )
             pytest.fail("\n".join([head, *("  " + ln for ln in lines), "  " + where, hint]), pytrace=False)
         return result
 
@@ -546,10 +612,10 @@ def _write_json(path: str, kld: KldSession, rows: list[dict]) -> None:
         "platform": sys.platform,
         "results": rows,
     }
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:  # strict JSON: NaN and inf become null
-        json.dump(_strict(json.loads(json.dumps(doc, default=_jsonable))), f, indent=2, allow_nan=False)
-    os.replace(tmp, path)
+    from .files import write_text
+
+    # strict JSON: NaN and inf become null
+    write_text(path, json.dumps(_strict(json.loads(json.dumps(doc, default=_jsonable))), indent=2, allow_nan=False))
 
 
 def _strict(x):

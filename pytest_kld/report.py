@@ -37,6 +37,8 @@ def result_row(result, outcome: str | None = None) -> dict:
     bpw = info.get("bits_per_weight")
     wb = info.get("weight_bytes")
     mean = s.get("mean")
+    nonfinite = int(s.get("nonfinite") or 0)
+    total = int(s.get("count") or 0) + nonfinite
     return {
         "model": display_name(result.model),
         "model_arg": result.model,
@@ -56,8 +58,30 @@ def result_row(result, outcome: str | None = None) -> dict:
         "max_at": result.max_at,
         "fingerprint": result.fingerprint,
         "outcome": outcome,
-        **{k: s.get(k) for k in ("mean", "se", "median", "p95", "p99", "max", "top1", "count", "nonfinite")},
+        **{k: s.get(k) for k in ("mean", "se", "median", "p95", "p99", "max", "top1", "count")},
+        "nonfinite": nonfinite,
+        "nonfinite_share": nonfinite / total if total else 0.0,
     }
+
+
+def nonfinite(row: dict) -> int:
+    """Positions where the model's log-probs were NaN or inf (left out of every figure)."""
+    n = row.get("nonfinite")
+    if n is None:
+        n = (row.get("summary") or {}).get("nonfinite")
+    return int(n) if isinstance(n, (int, float)) and math.isfinite(n) else 0
+
+
+def nonfinite_text(row: dict) -> str:
+    n = nonfinite(row)
+    share = row.get("nonfinite_share")
+    return f"{n} ({share:.1%})" if n and isinstance(share, float) else str(n)
+
+
+NONFINITE_NOTE = (
+    "non-finite: positions where the model's log-probs were NaN or inf, left out of every figure; "
+    "such a model is broken, fails its test and is never marked best"
+)
 
 
 def display_name(model: str) -> str:
@@ -81,9 +105,10 @@ def _fmt(fmt: str, v) -> str:
 
 
 def best_value(rows: list[dict], key: str, better: str):
-    """The best finite value of ``key`` over the rows that are not the reference; None when there
-    is nothing to mark (fewer than two such values, or all equal)."""
-    vals = [r.get(key) for r in rows if not r.get("is_reference")]
+    """The best finite value of ``key`` over the rows that are neither the reference nor broken
+    (any non-finite position); None when there is nothing to mark (fewer than two such values,
+    or all equal)."""
+    vals = [r.get(key) for r in rows if not r.get("is_reference") and not nonfinite(r)]
     vals = [v for v in vals if isinstance(v, (int, float)) and math.isfinite(v)]
     if len(vals) < 2 or min(vals) == max(vals):
         return None
@@ -98,7 +123,11 @@ def leaderboard_lines(
     corpus category (``by_category``)."""
     if not rows:
         return []
-    rows = sorted((dict(r) for r in rows), key=lambda r: (not r.get("is_reference"), _sort_mean(r)))
+    rows = sorted((dict(r) for r in rows), key=lambda r: (not r.get("is_reference"), nonfinite(r) > 0, _sort_mean(r)))
+    columns = list(COLUMNS)
+    broken = any(nonfinite(r) for r in rows)
+    if broken:
+        columns.insert(-1, ("nonfinite_text", "non-finite", "{}", None))
     # Rows measured with different settings (a marker's K, mode...) say which, after the name.
     varying = [(k, h) for k, h in VARIES if len({str(r.get(k)) for r in rows}) > 1]
     for r in rows:
@@ -108,17 +137,21 @@ def leaderboard_lines(
         r["result"] = {"passed": "pass", "failed": "FAIL"}.get(r.get("outcome"), r.get("outcome") or "-")
         if r.get("is_reference"):
             r["result"] = "reference"
-    best = {k: best_value(rows, k, b) for k, _, _, b in COLUMNS if b}
-    table = [[h for _, h, _, _ in COLUMNS]]
+        elif nonfinite(r) and r.get("outcome") != "passed":
+            r["result"] = "FAIL: non-finite" if r.get("outcome") == "failed" else "non-finite"
+        r["nonfinite_text"] = nonfinite_text(r)
+    best = {k: best_value(rows, k, b) for k, _, _, b in columns if b}
+    table = [[h for _, h, _, _ in columns]]
     for r in rows:
         line = []
-        for key, _, fmt, better in COLUMNS:
+        for key, _, fmt, better in columns:
             cell = _fmt(fmt, r.get(key))
-            if better and best.get(key) is not None and r.get(key) == best[key] and not r.get("is_reference"):
+            clean = not r.get("is_reference") and not nonfinite(r)
+            if better and best.get(key) is not None and r.get(key) == best[key] and clean:
                 cell += "*"
             line.append(cell)
         table.append(line)
-    widths = [max(len(row[i]) for row in table) for i in range(len(COLUMNS))]
+    widths = [max(len(row[i]) for row in table) for i in range(len(columns))]
     out = []
     for j, row in enumerate(table):
         cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]
@@ -126,6 +159,8 @@ def leaderboard_lines(
         if j == 0:
             out.append("  ".join("-" * w for w in widths))
     out.append(f"* best in column (reference excluded). KLD: nats, {DIRECTION}, lower is better. mean/bit = mean / bits/w")
+    if broken:
+        out.append(NONFINITE_NOTE)
     if quant:
         out.extend(quant_lines(rows, width=width))
     if by_category:

@@ -30,3 +30,39 @@ def test_cli_bad_model_is_one_line_exit_2(tiny_model, tmp_path):
     assert p.returncode == 2
     err = [ln for ln in p.stderr.splitlines() if ln.startswith("pytest-kld: model")]
     assert len(err) == 1 and "nope" in err[0] and "not found" in err[0], p.stderr
+
+
+def test_cli_json_to_a_missing_directory_fails_before_any_work(tiny_model, tmp_path):
+    cache = tmp_path / "c"
+    p = run(tiny_model("llama"), tiny_model("llama", bits=4), "--cache-dir", cache, "--json", tmp_path / "no" / "r.json")
+    assert p.returncode == 2
+    assert p.stderr.strip() == f"pytest-kld: --json {tmp_path / 'no' / 'r.json'}: directory {tmp_path / 'no'} does not exist"
+    assert not cache.exists()  # nothing was built
+
+
+def test_cli_broken_model_exits_1_with_strict_json(tiny_model, tmp_path):
+    """A model with NaN log-probs fails the command (exit 1) unless --nonfinite allows them, and
+    the JSON stays strict (no NaN literal)."""
+    import shutil
+
+    import mlx.core as mx
+
+    ref = tiny_model("llama")
+    nan = tmp_path / "llama-nan"
+    shutil.copytree(ref, nan)
+    w = mx.load(str(nan / "model.safetensors"))
+    emb = w["model.embed_tokens.weight"]
+    w["model.embed_tokens.weight"] = mx.where((mx.arange(emb.shape[0]) == 30)[:, None], mx.array(float("nan"), emb.dtype), emb)
+    mx.save_safetensors(str(nan / "model.safetensors"), w, metadata={"format": "mlx"})
+    out = tmp_path / "r.json"
+    common = ("--n-chunks", 6, "--top-k", 16, "--cache-dir", tmp_path / "c", "--json", out)
+    p = run(ref, nan, *common)
+    assert p.returncode == 1, p.stderr
+    assert "llama-nan is broken:" in p.stderr and "had NaN or inf log-probs" in p.stderr
+    text = out.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    row = json.loads(text)["results"][0]
+    assert row["nonfinite"] > 0 and row["outcome"] == "failed"
+    assert "FAIL" not in p.stdout.split("non-finite")[0] or "non-finite" in p.stdout
+    p = run(ref, nan, *common, "--nonfinite", 10**6)
+    assert p.returncode == 0, p.stderr

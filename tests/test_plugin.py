@@ -372,6 +372,35 @@ def test_unknown_category_and_top1_minimum(pytester, models, kld_args):
     )
 
 
+@pytest.mark.parametrize(
+    "value",
+    ["numpy.float32(50)", "numpy.float64(50)", "numpy.int64(50)", "fractions.Fraction(50, 1)", "decimal.Decimal('50')"],
+)
+def test_thresholds_accept_any_real_number_type(pytester, models, kld_args, value):
+    pytester.makepyfile(
+        f"""
+        import decimal, fractions, numpy
+
+        def test_it(assert_kld):
+            assert_kld({models['q8']!r}, mean={value}, p99={value})
+        """
+    )
+    pytester.runpytest(*kld_args).assert_outcomes(passed=1)
+
+
+def test_huge_threshold_is_one_line(pytester, models, kld_args):
+    pytester.makepyfile(
+        f"""
+        def test_it(assert_kld):
+            assert_kld({models['q8']!r}, mean=10**400)
+        """
+    )
+    result = pytester.runpytest(*kld_args)
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*assert_kld: threshold mean=1000* must be a finite number"])
+    assert "OverflowError" not in result.stdout.str() and "Traceback" not in result.stdout.str()
+
+
 def test_nan_logits_fail_with_a_count_of_positions(pytester, models, kld_args):
     pytester.makepyfile(quant_test(models, ["nan", "q8"], mean=10.0, p99=100.0))
     out = pytester.path / "kld.json"
@@ -379,17 +408,54 @@ def test_nan_logits_fail_with_a_count_of_positions(pytester, models, kld_args):
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(
         [
-            f"KLD over threshold for {models['nan']} against *: 1 of 3 checks failed",
-            "  * of * positions had NaN or inf log-probs (left out of the figures)  FAILED",
+            f"broken model for {models['nan']} against *: 1 of 3 checks failed",
+            "  * of * positions (*%) had NaN or inf log-probs, more than the 0 allowed; *  FAILED",
             "  mean: * <= allowed 10  ok",
+            "The model is broken (NaN/inf), so no threshold can make it pass.",
         ]
     )
-    n, total = map(int, re.search(r"(\d+) of (\d+) positions had NaN", result.stdout.str()).groups())
+    assert "raise the thresholds" not in result.stdout.str()
+    n, total = map(int, re.search(r"(\d+) of (\d+) positions \(", result.stdout.str()).groups())
     assert 0 < n < total
     assert "INTERNALERROR" not in result.stdout.str()
-    result.stdout.fnmatch_lines(["llama-nan *FAIL"])
+    # the leaderboard: a non-finite column, the broken row last, failed, and never marked best
+    result.stdout.fnmatch_lines(["model * non-finite *result", "llama-nan *FAIL: non-finite"])
+    nan_line = next(ln for ln in result.stdout.lines if ln.startswith("llama-nan "))
+    assert "*" not in nan_line.replace("FAIL: non-finite", ""), nan_line
+    assert f"{n} (" in nan_line
     rows = {r["model"]: r for r in json.loads(out.read_text())["results"]}
     assert rows["llama-nan"]["nonfinite"] == n and rows["llama-nan"]["count"] == total - n
+    assert rows["llama-nan"]["nonfinite_share"] == pytest.approx(n / total)
+    assert rows["llama-nan"]["outcome"] == "failed"
+
+
+def test_nan_model_never_best_even_when_its_finite_positions_agree(pytester, models, kld_args):
+    """The NaN model's finite positions can agree with the reference better than any quant (it is
+    the reference with one poisoned embedding row): it must still not win a column, through
+    ``kld_compare`` (which fails it) and the Markdown report."""
+    pytester.makepyfile(
+        f"""
+        import pytest
+
+        @pytest.mark.parametrize("quant", [{models['nan']!r}, {models['q4']!r}, {models['q8']!r}], ids=["nan", "q4", "q8"])
+        def test_compare(kld_compare, quant):
+            kld_compare(quant)
+
+        def test_allowed(kld_compare):
+            r = kld_compare({models['nan']!r}, nonfinite=10**9, name="nan-allowed")
+            assert r.summary["nonfinite"] > 0
+        """
+    )
+    md = pytester.path / "kld.md"
+    result = pytester.runpytest(*kld_args, f"--kld-markdown={md}")
+    result.assert_outcomes(passed=3, failed=1)
+    result.stdout.fnmatch_lines([f"*{models['nan']} is broken: * positions (*) had NaN or inf log-probs, more than the 0 allowed*"])
+    board = [ln for ln in result.stdout.lines if ln.startswith(("llama-nan", "nan-allowed"))][:2]
+    assert len(board) == 2 and all("*" not in ln.split("  FAIL")[0].replace("(", "") for ln in board), board
+    text = md.read_text()
+    nan_md = next(ln for ln in text.splitlines() if "llama-nan" in ln)
+    assert "**" not in nan_md and "non-finite" in nan_md, nan_md
+    assert "| non-finite |" in text
 
 
 # ------------------------------------------------------------------------------------------
