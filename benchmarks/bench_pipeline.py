@@ -48,8 +48,8 @@ def main() -> None:
     from pytest_kld import smollm2
     from pytest_kld.compare import compare
     from pytest_kld.corpus import corpus_spec
-    from pytest_kld.divergence import compare_rows, sparsify
-    from pytest_kld.forward import load_model, log_softmax
+    from pytest_kld.divergence import compare_rows, log_softmax, sparsify
+    from pytest_kld.forward import load_model
     from pytest_kld.reference import Settings, ensure_reference
 
     ref = smollm2.ensure_reference(args.demo_dir)

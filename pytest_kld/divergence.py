@@ -52,8 +52,6 @@ def sparsify(lp, targets: np.ndarray, top_k: int) -> SparseRows:
     The tail is log Σ_{x ∉ top-K} p(x), a log-sum-exp over the remaining entries, never
     ``log(1 - Σ top-K)``, which loses all precision when the tail is small.
     """
-    from .forward import logsumexp
-
     lp = np.asarray(lp, dtype=np.float32)
     n, v = lp.shape
     k = min(int(top_k), int(v))
@@ -96,8 +94,6 @@ def compare_rows(ref: SparseRows, lq, *, tail_spread: bool = True) -> PositionSt
     ``tail_spread``: add the tail's estimated inner KL (module docstring); False gives the
     one-bin lower bound.
     """
-    from .forward import logsumexp
-
     lq = np.asarray(lq, dtype=np.float32)
     n = lq.shape[0]
     finite = np.all(np.isfinite(lq), axis=-1)
@@ -140,6 +136,20 @@ def tail_inner_kl(log_ratio: np.ndarray) -> np.ndarray:
     if window.shape[-1] < 2:
         return np.zeros(log_ratio.shape[:-1])
     return 0.5 * np.var(window, axis=-1)
+
+
+def logsumexp(a: np.ndarray) -> np.ndarray:
+    """log Σ exp over the last axis, float32, stable; -inf for a row that is all -inf."""
+    m = np.max(a, axis=-1, keepdims=True)
+    m = np.where(np.isfinite(m), m, np.float32(0))
+    with np.errstate(divide="ignore"):
+        return (np.log(np.sum(np.exp(a - m), axis=-1, keepdims=True)) + m)[..., 0]
+
+
+def log_softmax(lg: np.ndarray) -> np.ndarray:
+    """Float32 log-softmax over the last axis, in place on ``lg`` (a fresh copy of the logits)."""
+    lg -= logsumexp(lg)[..., None]
+    return lg
 
 
 def dense_kl(ref_lp: np.ndarray, quant_lp: np.ndarray) -> np.ndarray:

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .divergence import log_softmax
+
 EXEC_MODES = ("auto", "native", "float32")
 
 
@@ -211,6 +213,54 @@ def _cache_arrays(cache) -> list:
     return [a for _, a in tree_flatten([c.state for c in cache]) if isinstance(a, mx.array)]
 
 
+def scored_logits(model) -> Callable:
+    """A function ``(piece_ids, cache, lo, hi) -> logits`` that runs a forward piece with the KV
+    cache and returns the logits of its rows [lo, hi) only.
+
+    Only scored positions need logits; every position's hidden state still feeds the KV cache.
+    mlx-lm's causal LMs compute ``head(body(ids, cache))``, with the head ``lm_head`` or the tied
+    embedding's ``as_linear``; applying the head to the scored rows alone skips the output layer
+    elsewhere (about a fifth of SmolLM2's compute per token). The split is checked once per
+    model on a short probe against the model's own ``__call__`` (to float32 rounding: a matmul
+    over fewer rows may take another BLAS kernel): a family whose call does more (logit
+    soft-capping, scaling) or is laid out otherwise keeps the full call.
+    """
+    split = getattr(model, "_pytest_kld_split", None)
+    if split is None:
+        split = _output_split(model) or False
+        model._pytest_kld_split = split
+    if not split:
+        return lambda ids, cache, lo, hi: model(ids, cache=cache)[0, lo:hi]
+    body, head = split
+    return lambda ids, cache, lo, hi: head(body(ids, cache=cache)[:, lo:hi])[0]
+
+
+def _output_split(model):
+    """(body, head) with head(body(ids)) == model(ids) exactly on a probe, else None."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    inner = getattr(model, "language_model", model)
+    body, args = getattr(inner, "model", None), getattr(inner, "args", None)
+    if body is None or args is None or getattr(inner, "sharding_group", None) is not None:
+        return None
+    if getattr(args, "tie_word_embeddings", False) and hasattr(body, "embed_tokens"):
+        head = body.embed_tokens.as_linear
+    elif hasattr(inner, "lm_head"):
+        head = inner.lm_head
+    else:
+        return None
+    probe = mx.array([[0, 1, 2, 3]], dtype=mx.int32)
+    try:
+        full = model(probe, cache=make_prompt_cache(model))[:, 1:3]
+        part = head(body(probe, cache=make_prompt_cache(model))[:, 1:3])
+        # equal up to float32 rounding: BLAS kernels may sum in another order for fewer rows
+        same = full.shape == part.shape and bool(mx.allclose(full, part, rtol=1e-4, atol=1e-5).item())
+    except Exception:  # a layout we do not know: the model's own call is always right
+        return None
+    return (body, head) if same else None
+
+
 def iter_chunk_logprobs(
     model,
     tokens: np.ndarray,
@@ -226,12 +276,12 @@ def iter_chunk_logprobs(
     positions in that piece, ``offset`` counted from ``start``. Together they cover output
     positions [start, end): the distributions over the token that follows each of those
     positions. The log-softmax is over the first ``vocab`` logits (the reference's vocabulary).
-    Memory holds one piece's logits at a time, not a whole chunk's (1 GB at 1,024 positions of a
-    248k vocabulary).
 
-    The vocabulary-wide work after the forward pass (log-softmax here, top-K and tails in
-    divergence.py) runs in numpy: on a CPU, MLX's elementwise exp and argpartition over
-    [n, V] are 5-10x slower than numpy's (benchmarks/bench_pipeline.py).
+    Logits are computed at scored rows only (:func:`scored_logits`). Each piece is started with
+    ``mx.async_eval`` before the previous piece's log-probs are handed out, so the caller's
+    vocabulary-wide work on piece i (numpy, which releases the GIL) overlaps the forward pass of
+    piece i + 1. Memory holds at most two pieces' logits, never a whole chunk's (1 GB at 1,024
+    positions of a 248k vocabulary).
     """
     import mlx.core as mx
     from mlx_lm.models.cache import make_prompt_cache
@@ -239,20 +289,30 @@ def iter_chunk_logprobs(
     n = int(tokens.shape[0])
     step = n if not chunk_tokens or chunk_tokens <= 0 else int(chunk_tokens)
     cache = make_prompt_cache(model)
+    forward = scored_logits(model)
     ids = mx.array(tokens.astype(np.int32))[None]
-    for s in range(0, n, step):
+    pending = None  # (offset, logits being computed) of the previous scored piece
+    for s in range(0, min(n, end), step):
         e = min(n, s + step)
-        logits = model(ids[:, s:e], cache=cache)[0]
         lo, hi = max(start, s), min(end, e)
         if lo < hi:
-            lg = logits[lo - s : hi - s]
-            if vocab is not None:
-                lg = lg[:, :vocab]
-            yield lo - start, log_softmax(np.array(lg.astype(mx.float32)))
-        else:
-            mx.eval(logits[-1:], *_cache_arrays(cache))
-        if e >= end:
-            break
+            lg = forward(ids[:, s:e], cache, lo - s, hi - s)
+            lg = (lg if vocab is None else lg[:, :vocab]).astype(mx.float32)
+            mx.async_eval(lg)
+        else:  # nothing scored here: only the cache matters (the call updates it, lazily)
+            forward(ids[:, s:e], cache, 0, 0)
+            mx.async_eval(*_cache_arrays(cache))
+        if pending is not None:
+            yield _to_logprobs(pending)
+        pending = [lo - start, lg] if lo < hi else None
+    if pending is not None:
+        yield _to_logprobs(pending)
+
+
+def _to_logprobs(pending: list) -> tuple[int, np.ndarray]:
+    """(offset, float32 numpy log-probs) of a computed piece, dropping the MLX copy first."""
+    lp = np.array(pending.pop())
+    return pending[0], log_softmax(lp)
 
 
 def chunk_logprobs(model, tokens, start, end, *, chunk_tokens=None, vocab=None) -> np.ndarray:
@@ -261,20 +321,6 @@ def chunk_logprobs(model, tokens, start, end, *, chunk_tokens=None, vocab=None) 
     if not pieces:
         return np.zeros((0, vocab or 0), dtype=np.float32)
     return pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=0)
-
-
-def logsumexp(a: np.ndarray) -> np.ndarray:
-    """log Σ exp over the last axis, float32, stable; -inf for a row that is all -inf."""
-    m = np.max(a, axis=-1, keepdims=True)
-    m = np.where(np.isfinite(m), m, np.float32(0))
-    with np.errstate(divide="ignore"):
-        return (np.log(np.sum(np.exp(a - m), axis=-1, keepdims=True)) + m)[..., 0]
-
-
-def log_softmax(lg: np.ndarray) -> np.ndarray:
-    """Float32 log-softmax over the last axis, in place on ``lg`` (a fresh copy of the logits)."""
-    lg -= logsumexp(lg)[..., None]
-    return lg
 
 
 def iter_corpus_logprobs(

@@ -65,6 +65,43 @@ def test_chunked_pass_equals_unchunked_logprobs(arch, tiny_model, prose_spec):
         np.testing.assert_allclose(part, full[5:], atol=5e-4, rtol=0)
 
 
+def _logprobs_full_call(model, ids, start, end, chunk_tokens):
+    """The plain path, written out: the model's own call over every position of each piece,
+    eagerly evaluated, then the scored rows' log-softmax."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from pytest_kld.divergence import log_softmax
+
+    cache, out = make_prompt_cache(model), []
+    x = mx.array(ids)[None]
+    for s in range(0, end, chunk_tokens):
+        e = min(end, s + chunk_tokens)
+        logits = model(x[:, s:e], cache=cache)[0]
+        mx.eval(logits)
+        lo, hi = max(start, s), min(end, e)
+        if lo < hi:
+            out.append(log_softmax(np.array(logits[lo - s : hi - s].astype(mx.float32))))
+    return np.concatenate(out)
+
+
+@pytest.mark.parametrize("bits", [None, 4])
+def test_scored_rows_only_equal_the_full_call_bit_for_bit(arch, tiny_model, bits):
+    """Logits at scored rows only, with the next piece started asynchronously, give exactly the
+    log-probs of the model's own full call (issue 13: not a single result changes)."""
+    from pytest_kld.forward import _output_split
+
+    lm = load_model(tiny_model(arch, bits=bits), "float32")
+    assert _output_split(lm.model) is not None  # the fast path is taken for every tiny family
+    ids = np.array(lm.tokenizer.encode("The river rose slowly through the night. " * 6), dtype=np.int32)
+    n = len(ids)
+    for start, ct in ((0, 16), (n // 2, 16), (n // 3, 7), (5, 0)):
+        got = chunk_logprobs(lm.model, ids, start, n - 1, chunk_tokens=ct)
+        want = _logprobs_full_call(lm.model, ids, start, n - 1, ct or n)
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-5)  # float32 rounding of small-matrix BLAS kernels
+
+
 def _dense(model_path, cache):
     """Dense float32 log-probs of every scored position, straight from the model (no reference
     cache), with the cache's chunking so that only the KL arithmetic differs."""
