@@ -101,7 +101,7 @@ def compare(
 
     ``exec`` defaults to the exec the reference was built with, and ``chunk_tokens`` to its
     chunking, so self-comparison reproduces the reference's numbers exactly. ``full_hash``
-    fingerprints the model's weights by their full contents (True) or headers and mtime (False);
+    fingerprints the model's weights by their full contents (True) or a sample of them (False);
     by default the same kind as the cache's reference, so the reference is recognised as itself.
     """
     from .blas import prefer_system_blas

@@ -269,41 +269,60 @@ def read_safetensors_header(file: Path) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def weights_fingerprint(path: Path, *, full: bool = False) -> str:
-    """A fingerprint of a model's weights and config.
+# The sampled fingerprint reads, per weight file, its header and SAMPLE_BLOCKS blocks of
+# SAMPLE_BYTES spread evenly over the tensor data (all of it when the data is smaller): at most
+# 4 MiB per file, whatever its size.
+SAMPLE_BLOCKS = 1024
+SAMPLE_BYTES = 4096
 
-    ``full=False`` (returns ``"sha256-fast:<hex>"``): SHA-256 over the sorted ``*.safetensors``
-    file names, their sizes, their JSON headers (names, dtypes, shapes, offsets; no tensor data),
-    the newest weight file's ``mtime_ns``, and ``config.json``'s bytes. Cheap on any size of model;
-    it changes when a file is rewritten (mtime), so a copy made without preserving times differs.
+
+def weights_fingerprint(path: Path, *, full: bool = False) -> str:
+    """A fingerprint of a model's weights and config, by content only: no paths, no times, so a
+    byte-identical copy (``cp -r``, a fresh hub download, a CI cache restore) keeps its cache.
+
+    ``full=False`` (returns ``"sha256-sample:<hex>"``): SHA-256 over the sorted ``*.safetensors``
+    file names, sizes and JSON headers (names, dtypes, shapes, offsets), a sample of each file's
+    tensor data (:data:`SAMPLE_BLOCKS` evenly spread blocks, the whole data of a small file) and
+    ``config.json``. Reads at most 4 MiB per file. Any re-quantisation or re-conversion rewrites
+    nearly every block, so it is seen; an edit confined to a few bytes between two sampled
+    blocks (one poisoned row of a large tensor) is not: ``full=True`` sees every byte.
 
     ``full=True`` (returns ``"sha256-full:<hex>"``): SHA-256 over the sorted file names, sizes
-    and full contents (streamed) and ``config.json``; no times, so equal for identical copies.
+    and full contents (streamed) and ``config.json``.
     """
     path = Path(path)
-    files = weight_files(path)
     h = hashlib.sha256()
-    h.update(b"pytest-kld weights v1 full\n" if full else b"pytest-kld weights v1 fast\n")
-    newest = 0
-    for f in files:
-        st = f.stat()  # follows hub-cache symlinks to the blob
-        newest = max(newest, st.st_mtime_ns)
-        h.update(f"{f.name}\0{st.st_size}\0".encode())
-        if full:
-            with open(f, "rb") as fh:
+    h.update(b"pytest-kld weights v2 full\n" if full else b"pytest-kld weights v2 sample\n")
+    for f in weight_files(path):
+        size = f.stat().st_size  # follows hub-cache symlinks to the blob
+        h.update(f"{f.name}\0{size}\0".encode())
+        with open(f, "rb") as fh:
+            if full:
                 for block in iter(lambda: fh.read(1 << 22), b""):
                     h.update(block)
-        else:
-            header = _read_header_bytes(f)
-            h.update(struct.pack("<Q", len(header)))
-            h.update(header)
-    if not full:
-        h.update(f"mtime_ns\0{newest}\0".encode())
+            else:
+                header = _read_header_bytes(f)
+                h.update(struct.pack("<Q", len(header)))
+                h.update(header)
+                _hash_sample(h, fh, 8 + len(header), size)
     config = path / "config.json"
     if config.is_file():
         h.update(b"config.json\0")
         h.update(config.read_bytes())
-    return ("sha256-full:" if full else "sha256-fast:") + h.hexdigest()
+    return ("sha256-full:" if full else "sha256-sample:") + h.hexdigest()
+
+
+def _hash_sample(h, fh, start: int, end: int) -> None:
+    """Feed ``h`` the bytes [start, end) of ``fh`` if small, else evenly spread blocks of it."""
+    span = end - start
+    if span <= SAMPLE_BLOCKS * SAMPLE_BYTES:
+        fh.seek(start)
+        h.update(fh.read(span))
+        return
+    stride = (span - SAMPLE_BYTES) / (SAMPLE_BLOCKS - 1)
+    for i in range(SAMPLE_BLOCKS):
+        fh.seek(start + int(i * stride))
+        h.update(fh.read(SAMPLE_BYTES))
 
 
 # Tokenizer files hashed (by content) when there is no tokenizer.json. tokenizer_config.json is

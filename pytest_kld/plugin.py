@@ -39,8 +39,8 @@ FLAGS = {
     "by-category": "add mean KLD per corpus category to the leaderboard",
     "no-chat-template": "short mode: feed prompts as plain text, not through the chat template",
     "trust-remote-code": "allow models whose config names custom Python code",
-    "full-hash": "fingerprint weights by their full contents (sha256-full), not headers and mtime "
-    "(sha256-fast, which misses a same-size edit whose mtime was restored); reads every weight byte",
+    "full-hash": "fingerprint weights by their full contents (sha256-full), not headers, sizes and a "
+    "sample of 1,024 blocks per file (sha256-sample, which can miss an edit of a few bytes); reads every weight byte",
 }
 CHOICES = {"mode": ("short", "long", "file"), "exec": ("auto", "native", "float32")}
 INT_MINIMUM = {"top_k": 1, "n_ctx": 2, "n_chunks": 1, "chunk_tokens": 0}

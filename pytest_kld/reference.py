@@ -340,8 +340,9 @@ def plan_reference(
     """Resolve the reference and compute its cache key, without importing mlx.
 
     ``full_hash`` keys the cache on a hash of the weights' full contents ("sha256-full:"), not
-    the fast header-and-mtime fingerprint ("sha256-fast:"), which misses a same-size edit of the
-    tensor data whose mtime was restored. The two kinds are different cache entries.
+    the sampled one ("sha256-sample:": headers, sizes and 1,024 spread blocks per file), which
+    can miss an edit of a few bytes between sampled blocks. Neither depends on paths or times.
+    The two kinds are different cache entries.
     """
     from .forward import resolve_exec
     from .models import resolve_model, tokenizer_fingerprint, weights_fingerprint

@@ -56,7 +56,7 @@ def edit_weights_keep_size_and_mtime(model_dir) -> None:
 def test_full_hash_is_a_separate_cache_entry(ref_copy, prose_spec, tmp_path):
     fast = plan_reference(ref_copy, prose_spec, SETTINGS, cache_dir=tmp_path / "c")
     full = plan_reference(ref_copy, prose_spec, SETTINGS, cache_dir=tmp_path / "c", full_hash=True)
-    assert fast.fingerprint.startswith("sha256-fast:") and full.fingerprint.startswith("sha256-full:")
+    assert fast.fingerprint.startswith("sha256-sample:") and full.fingerprint.startswith("sha256-full:")
     assert fast.key != full.key and fast.entry != full.entry
     assert full.key_material["reference_fingerprint"] == full.fingerprint
 
@@ -70,26 +70,66 @@ def test_full_hash_is_a_separate_cache_entry(ref_copy, prose_spec, tmp_path):
     r = compare(cache, ref_copy)
     assert r.fingerprint == cache.manifest["reference"]["fingerprint"] and r.is_reference
     r = compare(cache, ref_copy, full_hash=False)  # asked for the fast kind: still recognised
-    assert r.fingerprint.startswith("sha256-fast:") and r.is_reference
+    assert r.fingerprint.startswith("sha256-sample:") and r.is_reference
 
 
-def test_full_hash_catches_a_same_size_edit_with_its_mtime_restored(ref_copy, prose_spec, tmp_path):
-    """The reason the option exists: the fast fingerprint reads headers, sizes and the mtime,
-    so an edit of tensor data that keeps all three serves the old reference cache."""
+def test_a_same_size_edit_with_its_mtime_restored_gets_its_own_entry(ref_copy, prose_spec, tmp_path):
+    """Fingerprints read content, never times: an edit of tensor data that keeps the size, the
+    header and the mtime is a new cache entry for both kinds (a tiny file is sampled whole)."""
     builds = []
     kw = dict(cache_dir=tmp_path / "c", on_build=builds.append)
-    before_fast = ensure_reference(ref_copy, prose_spec, SETTINGS, **kw)
+    before_sample = ensure_reference(ref_copy, prose_spec, SETTINGS, **kw)
     before_full = ensure_reference(ref_copy, prose_spec, SETTINGS, full_hash=True, **kw)
     assert len(builds) == 2
 
     edit_weights_keep_size_and_mtime(ref_copy)
-    after_fast = ensure_reference(ref_copy, prose_spec, SETTINGS, **kw)
-    assert len(builds) == 2, "the fast fingerprint noticed the edit: the test no longer shows the gap"
-    assert after_fast.manifest["key"] == before_fast.manifest["key"]  # the stale entry, served
+    after_sample = ensure_reference(ref_copy, prose_spec, SETTINGS, **kw)
     after_full = ensure_reference(ref_copy, prose_spec, SETTINGS, full_hash=True, **kw)
-    assert len(builds) == 3  # rebuilt for the edited weights
+    assert len(builds) == 4  # both rebuilt for the edited weights
+    assert after_sample.manifest["key"] != before_sample.manifest["key"]
     assert after_full.manifest["key"] != before_full.manifest["key"]
-    assert after_full.manifest["reference"]["fingerprint"] != before_full.manifest["reference"]["fingerprint"]
+
+
+def test_two_models_alike_in_all_but_their_numbers_never_share_a_cache(tiny_model, prose_spec, tmp_path):
+    """Issue 10: same config, tensor names, shapes, file size and modification time, other
+    tensor data (a re-quantisation): two cache entries, and the other model is not taken for
+    the reference."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(tiny_model("llama"), a)
+    shutil.copytree(tiny_model("llama"), b)
+    fa, fb = a / "model.safetensors", b / "model.safetensors"
+    data = bytearray(fb.read_bytes())
+    start = 8 + int.from_bytes(data[:8], "little")
+    for i in range(start, len(data), 2):  # the lowest mantissa bit of every value: all change a little
+        data[i] ^= 1
+    fb.write_bytes(bytes(data))
+    assert fa.stat().st_size == fb.stat().st_size
+    assert fa.read_bytes()[: 8 + int.from_bytes(fa.read_bytes()[:8], "little")] == fb.read_bytes()[
+        : 8 + int.from_bytes(fb.read_bytes()[:8], "little")]  # identical headers
+    t = fa.stat().st_mtime_ns
+    for f in (fa, fb):
+        os.utime(f, ns=(t, t))
+    builds = []
+    kw = dict(cache_dir=tmp_path / "c", on_build=builds.append)
+    ca = ensure_reference(a, prose_spec, SETTINGS, **kw)
+    cb = ensure_reference(b, prose_spec, SETTINGS, **kw)
+    assert len(builds) == 2 and ca.path != cb.path
+    r = compare(ca, b)
+    assert not r.is_reference and r.summary["mean"] > 0 and r.reference["path"] == str(a)
+
+
+def test_a_copy_with_new_times_elsewhere_reuses_the_cache(ref_copy, prose_spec, tmp_path):
+    """Issue 12's first requirement: the same bytes in another directory with other mtimes
+    (cp -r, a fresh download, a CI cache restore) hit the same entry; nothing is rebuilt."""
+    builds = []
+    kw = dict(cache_dir=tmp_path / "c", on_build=builds.append)
+    first = ensure_reference(ref_copy, prose_spec, SETTINGS, **kw)
+    moved = tmp_path / "elsewhere" / "model"
+    shutil.copytree(ref_copy, moved, copy_function=shutil.copyfile)  # new mtimes
+    for f in moved.iterdir():
+        os.utime(f, ns=(10**18, 10**18))
+    again = ensure_reference(moved, prose_spec, SETTINGS, **kw)
+    assert len(builds) == 1 and again.path == first.path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,7 +170,7 @@ def _manifests(pytester) -> list[dict]:
 def test_full_hash_option_and_ini_key_reach_json_rows_and_manifest(pytester, llama_models):
     _, fast = _run(pytester, llama_models)
     assert len(fast["results"]) == 3
-    assert all(r["fingerprint"].startswith("sha256-fast:") for r in fast["results"])
+    assert all(r["fingerprint"].startswith("sha256-sample:") for r in fast["results"])
     assert fast["settings"]["full_hash"] is False
 
     _, full = _run(pytester, llama_models, "--kld-full-hash")
@@ -143,7 +183,7 @@ def test_full_hash_option_and_ini_key_reach_json_rows_and_manifest(pytester, lla
     assert by["llama"]["is_reference"] and not by["llama-q8-g64"]["is_reference"]
     assert by["llama-q4-g64"]["info"]["base_bits"] == 4 and by["llama"]["info"]["quantized"] is False
     kinds = sorted(m["reference"]["fingerprint"].split(":")[0] for m in _manifests(pytester))
-    assert kinds == ["sha256-fast", "sha256-full"]  # two cache entries, one of each kind
+    assert kinds == ["sha256-full", "sha256-sample"]  # two cache entries, one of each kind
 
     pytester.makeini("[pytest]\nkld_full_hash = true\n")
     _, ini = _run(pytester, llama_models)
