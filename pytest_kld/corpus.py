@@ -35,7 +35,6 @@ Hugging Face tokenizer: anything with ``encode(text, add_special_tokens=...)``).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -44,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import CorpusError
-from .reference import sha256_file
+from .reference import sha256_file, tokens_sha256
 
 __all__ = [
     "CorpusSpec",
@@ -588,16 +587,12 @@ def _render_record(enc: _Encoder, rec: Record, use_template: bool):
 
 
 def _identity(spec: CorpusSpec, chunks, ranges) -> dict:
-    h = hashlib.sha256()
-    for c, (s, e) in zip(chunks, ranges):
-        h.update(np.asarray([len(c), s, e], dtype="<i8").tobytes())
-        h.update(np.asarray(c, dtype="<i4").tobytes())
     return {
         **spec.key_dict(),
         "chunks": len(chunks),
         "tokens": int(sum(len(c) for c in chunks)),
         "scored": int(sum(e - s for s, e in ranges)),
-        "token_sha256": h.hexdigest(),
+        "token_sha256": tokens_sha256(chunks, ranges),
     }
 
 

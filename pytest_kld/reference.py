@@ -109,6 +109,15 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def tokens_sha256(chunks, ranges) -> str:
+    """The corpus checksum a manifest commits to: every chunk's length, scored range and ids."""
+    h = hashlib.sha256()
+    for c, (s, e) in zip(chunks, ranges):
+        h.update(np.asarray([len(c), s, e], dtype="<i8").tobytes())
+        h.update(np.asarray(c, dtype="<i4").tobytes())
+    return h.hexdigest()
+
+
 def id_dtype(vocab: int):
     """The narrowest unsigned integer type that holds every id of a ``vocab``-sized vocabulary."""
     return np.uint16 if vocab <= 1 << 16 else np.uint32
@@ -236,6 +245,8 @@ class ReferenceCache:
                     got = None if name not in arrays else list(arrays[name].shape)
                     raise bad(f"array {name!r} has shape {got}, expected {shape}")
             _check_arrays(manifest, arrays, bad)
+            _check_commitments(manifest, arrays, bad)
+            _check_values(arrays, bad)
         except CacheError:
             raise
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
@@ -288,6 +299,53 @@ def _check_arrays(manifest: dict, arrays: dict, bad) -> None:
     cats = arrays["chunk_category"]
     if c and (int(cats.min()) < 0 or int(cats.max()) >= len(manifest["categories"])):
         raise bad("chunk categories out of range")
+
+
+# Value checks: what every reference distribution satisfies. Log-probs are float32 from a
+# float32 log-softmax, so a most-likely token's log-prob can round to a hair above 0.
+LOGPROB_SLACK = 1e-3  # nats
+
+
+def _check_commitments(manifest: dict, arrays: dict, bad) -> None:
+    """Every value the manifest commits to is the arrays' own: corpus checksum and counts."""
+    corpus = manifest.get("corpus")
+    if not isinstance(corpus, dict):
+        raise bad(f"{MANIFEST} has no valid 'corpus'")
+    offsets, ranges = arrays["chunk_offsets"], arrays["score_ranges"]
+    chunks = [arrays["tokens"][offsets[i] : offsets[i + 1]] for i in range(len(ranges))]
+    facts = {
+        "chunks": len(chunks),
+        "tokens": int(arrays["tokens"].shape[0]),
+        "scored": int(arrays["topk_ids"].shape[0]),
+        "token_sha256": tokens_sha256(chunks, [tuple(int(v) for v in r) for r in ranges]),
+    }
+    for name, value in facts.items():
+        if corpus.get(name) != value:
+            raise bad(f"its corpus {name} is {corpus.get(name)!r} in {MANIFEST} but {value!r} in {ARRAYS}")
+    if manifest.get("positions", facts["scored"]) != facts["scored"]:
+        raise bad(f"{MANIFEST} says {manifest.get('positions')} positions, {ARRAYS} holds {facts['scored']}")
+
+
+def _check_values(arrays: dict, bad) -> None:
+    """Ranges of the reference's record: finite log-probs <= 0, sorted most probable first, a
+    tail that is -inf or <= 0, and top-K plus tail summing to probability 1."""
+    lp, tail, target = arrays["topk_logprobs"], arrays["tail"], arrays["target"]
+    if lp.size == 0:
+        return
+    if not (np.all(np.isfinite(lp)) and np.all(np.isfinite(target))):
+        raise bad("its log-probs hold NaN or inf")
+    if float(lp.max()) > LOGPROB_SLACK or float(target.max()) > LOGPROB_SLACK:
+        raise bad("its log-probs are above 0 (probabilities above 1)")
+    if lp.shape[1] > 1 and float(np.diff(lp, axis=1).max()) > LOGPROB_SLACK:
+        raise bad("its top-K log-probs are not sorted, most probable first")
+    if np.any(np.isnan(tail)) or np.any(np.isposinf(tail)) or float(np.nanmax(tail)) > LOGPROB_SLACK:
+        raise bad("its tail masses are NaN, infinite or above 1")
+    from .divergence import logsumexp
+
+    total = np.logaddexp(logsumexp(lp), tail)
+    worst = float(np.abs(total).max())
+    if worst > LOGPROB_SLACK:
+        raise bad(f"its probabilities do not sum to 1 at some position (log of the sum {worst:.3g})")
 
 
 # --------------------------------------------------------------------------------------------
