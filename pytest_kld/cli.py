@@ -31,6 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--exec", default="auto", choices=("auto", "native", "float32"))
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--rebuild", action="store_true")
+    ap.add_argument("--lock-timeout", type=int, default=600,
+                    help="seconds to wait for another process's build once it shows no sign of life (default: 600)")
+    ap.add_argument("--allow-shared-cache", action="store_true",
+                    help="use a cache directory that other users can write (they could plant entries)")
     ap.add_argument("--no-chat-template", action="store_true")
     ap.add_argument("--by-category", action="store_true")
     ap.add_argument("--json", default=None, help="write every result (no per-position arrays) here")
@@ -71,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         settings = Settings(top_k=args.top_k, chunk_tokens=args.chunk_tokens, exec=args.exec)
         cache = ensure_reference(args.reference, spec, settings, cache_dir=args.cache_dir,
-                                 rebuild=args.rebuild, progress=progress)
+                                 rebuild=args.rebuild, progress=progress, lock_timeout=args.lock_timeout,
+                                 allow_shared_cache=args.allow_shared_cache)
         rows, failed = [], 0
         for model in args.quants:
             print(f"pytest-kld: comparing {model}", file=sys.stderr, flush=True)

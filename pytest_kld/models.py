@@ -264,6 +264,22 @@ def read_safetensors_header(file: Path) -> dict:
     return header
 
 
+def output_width(path: Path) -> int | None:
+    """The model's number of output logits, read from its headers (the output layer's rows, or
+    the tied embedding's); None when no such tensor is named."""
+    heads, embeds = [], []
+    for f in weight_files(Path(path)):
+        for name, t in read_safetensors_header(f).items():
+            if not isinstance(t, dict) or not t.get("shape"):
+                continue
+            if name.endswith("lm_head.weight"):
+                heads.append(int(t["shape"][0]))
+            elif name.endswith("embed_tokens.weight"):
+                embeds.append(int(t["shape"][0]))
+    found = heads or embeds
+    return found[0] if found else None
+
+
 # ---------------------------------------------------------------------------------------------
 # fingerprints
 # ---------------------------------------------------------------------------------------------

@@ -33,17 +33,19 @@ OPTIONS = {
     "json": (str, None, "write settings, versions and every result to this JSON file (default: none)"),
     "markdown": (str, None, "write the leaderboard as a Markdown table, e.g. $GITHUB_STEP_SUMMARY (default: none)"),
     "chart": (str, None, "write a PNG chart of mean KLD against bits per weight (default: none)"),
+    "lock-timeout": (int, 600, "seconds to wait for another process's reference build once it shows no sign of life"),
 }
 FLAGS = {
     "rebuild": "rebuild the reference cache once this session, even if a valid one exists",
     "by-category": "add mean KLD per corpus category to the leaderboard",
     "no-chat-template": "short mode: feed prompts as plain text, not through the chat template",
     "trust-remote-code": "allow models whose config names custom Python code",
+    "allow-shared-cache": "use a cache directory that other users can write (they could plant entries)",
     "full-hash": "fingerprint weights by their full contents (sha256-full), not headers, sizes and a "
     "sample of 1,024 blocks per file (sha256-sample, which can miss an edit of a few bytes); reads every weight byte",
 }
 CHOICES = {"mode": ("short", "long", "file"), "exec": ("auto", "native", "float32")}
-INT_MINIMUM = {"top_k": 1, "n_ctx": 2, "n_chunks": 1, "chunk_tokens": 0}
+INT_MINIMUM = {"top_k": 1, "n_ctx": 2, "n_chunks": 1, "chunk_tokens": 0, "lock_timeout": 1}
 MARKER_KEYS = {"reference", "revision", "mode", "dataset", "top_k", "n_ctx", "n_chunks", "chunk_tokens", "exec"}
 THRESHOLDS_LOW = ("mean", "median", "p90", "p95", "p99", "p99_9", "max")
 THRESHOLDS = THRESHOLDS_LOW + ("top1",)
@@ -175,6 +177,9 @@ class KldSession:
                     progress=Progress(self.config, f"{s['reference']} [{spec.mode}]"),
                     trust_remote_code=bool(s.get("trust_remote_code")),
                     full_hash=full_hash,
+                    lock_timeout=float(s["lock_timeout"]),
+                    allow_shared_cache=bool(s.get("allow_shared_cache")),
+                    notify=Progress(self.config, "").say,
                 )
             except Exception as e:  # remembered: later tests fail fast with the same line
                 self.caches[key] = e
@@ -275,6 +280,10 @@ class Progress:
             f"{rate:,.0f} tok/s, ETA {eta:,.0f}s"
         )
         self._write(line, "\n" if done >= total or not tty else "\r")
+
+    def say(self, line: str) -> None:
+        """One line on the real terminal (e.g. whose lock a build waits for)."""
+        self._write(line, "\n")
 
     def _write(self, line: str, end: str) -> None:
         capman = self.config.pluginmanager.getplugin("capturemanager")

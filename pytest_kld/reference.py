@@ -38,6 +38,7 @@ FORMAT_VERSION = 2  # 2: log-softmax and top-K in numpy (float32), not MLX
 ARRAYS = "arrays.safetensors"
 MANIFEST = "manifest.json"
 REBUILD_HINT = "rerun with --kld-rebuild (or delete the directory) to rebuild it"
+LOCK_TIMEOUT = 600.0  # seconds without a sign of life from a lock's holder before giving up
 # Every array of an entry: (dimensions, allowed dtypes).
 ARRAY_SPECS = {
     "tokens": (1, ("int32",)),
@@ -402,13 +403,18 @@ def plan_reference(
     can miss an edit of a few bytes between sampled blocks. Neither depends on paths or times.
     The two kinds are different cache entries.
     """
+    import dataclasses
+
     from .forward import resolve_exec
-    from .models import resolve_model, tokenizer_fingerprint, weights_fingerprint
+    from .models import output_width, resolve_model, tokenizer_fingerprint, weights_fingerprint
 
     path = resolve_model(reference, revision=revision)
     fp = weights_fingerprint(path, full=full_hash)
     tfp = tokenizer_fingerprint(path)
     exec_used = resolve_exec(settings.exec)
+    width = output_width(path)
+    if width and settings.top_k > width:  # K beyond the vocabulary keeps it all: one entry for all such K
+        settings = dataclasses.replace(settings, top_k=width)
     material = _key_material(fp, tfp, corpus.key_dict(), settings, exec_used)
     key = _sha256_json(material)
     entry = entry_path(Path(cache_dir) if cache_dir else default_cache_dir(), fp, corpus.mode, key)
@@ -428,6 +434,9 @@ def ensure_reference(
     trust_remote_code: bool = False,
     on_build: Callable[[ReferencePlan], None] | None = None,
     full_hash: bool = False,
+    lock_timeout: float = LOCK_TIMEOUT,
+    allow_shared_cache: bool = False,
+    notify: Callable[[str], None] | None = None,
 ) -> ReferenceCache:
     """Load the cache entry for this reference, corpus and settings, building it if needed.
 
@@ -435,17 +444,22 @@ def ensure_reference(
     ``rebuild`` forces a new build; ``rebuild_before`` (a UNIX time) rebuilds only an entry made
     before it, so several workers of one session asked to rebuild do it once.
     A corrupt entry raises CacheError unless a rebuild was asked for. ``full_hash``: see
-    :func:`plan_reference`.
+    :func:`plan_reference`. A process waiting for another's build says whose lock it waits for
+    (through ``notify``, default stderr) and gives up after ``lock_timeout`` seconds in which
+    the holder showed no sign of life (see :mod:`pytest_kld.locking`). A cache directory that
+    other users can write is refused unless ``allow_shared_cache``.
     """
-    from filelock import FileLock
+    from .locking import OwnedLock
 
     plan = plan_reference(
         reference, corpus, settings, cache_dir=cache_dir, revision=revision, full_hash=full_hash
     )
     entry = plan.entry
+    created = not entry.parent.exists()
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(entry) + ".lock")
+        check_private(entry.parent, allow_shared_cache)
+        lock = OwnedLock(entry, timeout=lock_timeout, notify=notify)
         lock.acquire()
     except OSError as e:
         if (
@@ -462,26 +476,60 @@ def ensure_reference(
             "make it writable or choose another with --kld-cache-dir"
         ) from None
     try:
-        # Left by a build that was killed: never read, removed by whoever holds the lock next.
-        for stale in entry.parent.glob(f".tmp-{entry.name}-*"):
-            _remove(stale)
-        if entry.exists() and not rebuild:
-            try:
-                cache = ReferenceCache.load(entry, expect_key=plan.key)
-            except CacheError:
-                if rebuild_before is None:
-                    raise
-                cache = None
-            if cache is not None and (
-                rebuild_before is None or cache.manifest.get("created_at", 0) >= rebuild_before
-            ):
-                return cache
+        cache = _load_current(plan, rebuild, rebuild_before)
+        if cache is not None:
+            return cache
         if on_build is not None:
             on_build(plan)
-        _build(plan, progress=progress, trust_remote_code=trust_remote_code)
+        try:
+            _build(plan, progress=progress, trust_remote_code=trust_remote_code)
+        except BaseException:
+            if created:  # a failed first build leaves no empty directory behind
+                lock.discard()
+            raise
         return ReferenceCache.load(entry, expect_key=plan.key)
     finally:
         lock.release()
+
+
+def _load_current(plan: ReferencePlan, rebuild: bool, rebuild_before: float | None):
+    """The entry if it is there, valid and recent enough; None when it must be built (the
+    caller holds the lock). Debris of killed builds is removed first."""
+    entry = plan.entry
+    for stale in entry.parent.glob(f".tmp-{entry.name}-*"):  # never read, removed here
+        _remove(stale)
+    if not entry.exists() or rebuild:
+        return None
+    try:
+        cache = ReferenceCache.load(entry, expect_key=plan.key)
+    except CacheError:
+        if rebuild_before is None:
+            raise
+        return None
+    if rebuild_before is not None and cache.manifest.get("created_at", 0) < rebuild_before:
+        return None
+    return cache
+
+
+def check_private(directory: Path, allow_shared: bool = False) -> None:
+    """Refuse a cache directory (and the cache root above it) that users other than this one
+    (or root) could write: anyone who can write there can plant an entry that a later run
+    trusts. ``allow_shared`` accepts it (a runner cache shared on purpose)."""
+    if allow_shared or not hasattr(os, "getuid"):
+        return
+    me = os.getuid()
+    for d in (Path(directory), Path(directory).parent):
+        st = d.stat()
+        if st.st_uid not in (me, 0):
+            why = f"is owned by another user (uid {st.st_uid})"
+        elif st.st_mode & 0o022 and not st.st_mode & 0o1000:
+            why = f"is writable by other users (mode {st.st_mode & 0o7777:04o})"
+        else:
+            continue
+        raise CacheError(
+            f"reference cache directory {d} {why}: anyone who can write there can plant a cache entry; "
+            "use a private directory (--kld-cache-dir) or pass --kld-allow-shared-cache if you trust them"
+        )
 
 
 def _build(plan: ReferencePlan, *, progress=None, trust_remote_code: bool = False) -> None:
