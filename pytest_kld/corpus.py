@@ -198,6 +198,10 @@ def corpus_spec(
 
     if dataset is not None:
         path = Path(dataset).expanduser()
+        if path.is_dir():
+            raise CorpusError(
+                f"{path}: the dataset is a directory; --kld-dataset takes one file (.txt, .jsonl or .parquet)"
+            )
         fmt = _FILE_FORMATS.get(path.suffix.lower())
         if fmt is None:
             raise CorpusError(
@@ -233,6 +237,11 @@ def corpus_spec(
         fmt, kind, source = "wikitext-parquet", "document", f"{WIKITEXT_REPO}:{WIKITEXT_FILE}"
 
     if kind == "document":
+        if score_offset is None and n_ctx < 3:
+            raise CorpusError(
+                f"--kld-n-ctx={n_ctx} leaves no position to score in {mode} mode (the second half of each "
+                "chunk is scored): use at least 3"
+            )
         first = n_ctx // 2 if score_offset is None else score_offset
         score_offset = _positive_int("score_offset", first, 0)
         if score_offset > n_ctx - 2:
@@ -242,6 +251,11 @@ def corpus_spec(
             )
         chat_template = False
     else:
+        if score_offset is None and n_ctx < DEFAULT_SCORE_OFFSET + 2:
+            raise CorpusError(
+                f"--kld-n-ctx={n_ctx} leaves no position to score in {mode} mode (the first "
+                f"{DEFAULT_SCORE_OFFSET} tokens of each record are context): use at least {DEFAULT_SCORE_OFFSET + 2}"
+            )
         off = DEFAULT_SCORE_OFFSET if score_offset is None else score_offset
         score_offset = _positive_int("score_offset", off, 0)
         if score_offset > n_ctx - 2:
@@ -274,40 +288,37 @@ def corpus_spec(
 # --------------------------------------------------------------------------------------------
 
 
-def _hub_cache_dir(cache_dir) -> str | None:
-    """The hub cache to use, from the environment as it is *now*.
-
-    huggingface_hub reads ``HF_HUB_CACHE`` once, at import; a test or a conftest that sets it
-    later would be ignored, so we read it here and pass ``cache_dir=`` explicitly.
-    """
-    if cache_dir is not None:
-        return str(Path(cache_dir).expanduser())
-    env = os.environ.get("HF_HUB_CACHE")
-    if env:
-        return str(Path(env).expanduser())
-    home = os.environ.get("HF_HOME")
-    if home:
-        return str(Path(home).expanduser() / "hub")
-    return None  # huggingface_hub's own default
-
-
-def _env_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+# Failed WikiText resolutions of this process, by (cache, offline): a second test asking for long
+# mode fails at once with the same line instead of trying the hub again (~23 s offline).
+_WIKITEXT_FAILED: dict = {}
 
 
 def _resolve_wikitext(cache_dir=None, local_files_only: bool | None = None) -> Path:
     """Path of the WikiText-2 raw test parquet: from the cache, else (if allowed) downloaded."""
+    from .models import hub_cache_dir, hub_offline
+
+    cache = str(Path(cache_dir).expanduser() if cache_dir is not None else hub_cache_dir())
+    offline = hub_offline() if local_files_only is None else bool(local_files_only)
+    failed = _WIKITEXT_FAILED.get((cache, offline))
+    if failed is not None:
+        raise CorpusError(str(failed))
+    try:
+        return _fetch_wikitext(cache, offline)
+    except CorpusError as e:
+        _WIKITEXT_FAILED[(cache, offline)] = e
+        raise
+
+
+def _fetch_wikitext(cache: str, offline: bool) -> Path:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    cache = _hub_cache_dir(cache_dir)
-    offline = _env_offline() if local_files_only is None else bool(local_files_only)
     kwargs = dict(repo_id=WIKITEXT_REPO, repo_type="dataset", filename=WIKITEXT_FILE)
     try:  # the cache first: no network when it is there
         return Path(hf_hub_download(**kwargs, cache_dir=cache, local_files_only=True))
     except LocalEntryNotFoundError:
         pass
-    where = cache or "the default Hugging Face cache"
+    where = cache
     if offline:
         raise CorpusError(
             f"WikiText-2 ({WIKITEXT_REPO}:{WIKITEXT_FILE}) is not in {where} and the hub is "

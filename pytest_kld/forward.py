@@ -140,9 +140,11 @@ def load_model(path: Path, exec_mode: str = "auto", *, trust_remote_code: bool =
     from mlx_lm.utils import load
 
     from .errors import ModelError
+    from .models import check_weight_files
 
     exec_used = resolve_exec(exec_mode)
     _check_config(Path(path), trust_remote_code)
+    check_weight_files(Path(path))
     try:
         model, tokenizer, config = load(
             str(path),

@@ -264,6 +264,30 @@ def read_safetensors_header(file: Path) -> dict:
     return header
 
 
+def check_weight_files(path: Path) -> None:
+    """One clear line, before mlx reads anything, for a weight file whose data is shorter than
+    its header says (an interrupted download or copy) or a path mlx cannot open (not UTF-8)."""
+    try:
+        os.fsencode(str(path)).decode("utf-8")
+    except UnicodeDecodeError:
+        raise ModelError(
+            f"{os.fsdecode(os.fsencode(str(path)))!r}: the model path is not valid UTF-8, which mlx cannot open; "
+            "rename the directory or point to it through a symlink with a UTF-8 name"
+        ) from None
+    for f in weight_files(Path(path)):
+        header = read_safetensors_header(f)
+        need = 8 + len(_read_header_bytes(f)) + max(
+            (int(t["data_offsets"][1]) for t in header.values() if isinstance(t, dict) and "data_offsets" in t),
+            default=0,
+        )
+        have = f.stat().st_size
+        if have < need:
+            raise ModelError(
+                f"{f} is truncated: its header describes {need} bytes but the file has {have}; "
+                "re-download or re-convert the model"
+            )
+
+
 def output_width(path: Path) -> int | None:
     """The model's number of output logits, read from its headers (the output layer's rows, or
     the tied embedding's); None when no such tensor is named."""
