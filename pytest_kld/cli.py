@@ -1,99 +1,152 @@
-"""The command line: the same comparison as the plugin, without writing a test.
+"""The ``pytest-kld`` command (also ``python -m pytest_kld``): the plugin's run path without
+writing a test, with the same settings (from :mod:`pytest_kld.options`) and thresholds.
 
-    python -m pytest_kld REFERENCE QUANT [QUANT ...] [--mode short] [--top-k 256] [--json PATH]
+    pytest-kld compare REFERENCE QUANT [QUANT ...] [--mode short] [--mean 0.1 --p99 1.0] [--json PATH]
+    pytest-kld REFERENCE QUANT ...          (the same: compare is the default command)
+    pytest-kld build REFERENCE              (builds or opens the cache, prints where it is)
+    pytest-kld info CACHE_DIR               (what a cache entry holds)
 
-Builds (or loads) the reference cache, compares each quant in turn (one model in memory at a
-time) and prints the leaderboard. Exit status: 0; 1 when a model is broken (NaN or inf
-log-probs at more than --nonfinite positions); 2 on a usage or input error (one line).
+REFERENCE is a model (local MLX directory or hub id) or a cache entry directory (then no
+reference weights are read). Exit status: 0; 1 when a threshold fails or a model is broken
+(NaN/inf log-probs at more than --nonfinite positions); 2 on a usage or input error (one line).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
+
+from .options import THRESHOLD_NAMES, add_to_argparse
+
+COMMANDS = ("compare", "build", "info")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     ap = argparse.ArgumentParser(
-        prog="python -m pytest_kld",
+        prog="pytest-kld",
         description="KL(reference || quant) of quantised MLX models against a reference, per token.",
     )
-    ap.add_argument("reference", help="reference model: local MLX directory or hub id")
-    ap.add_argument("quants", nargs="+", help="models to compare: local MLX directories or hub ids")
-    ap.add_argument("--mode", default="short", choices=("short", "long", "file"))
-    ap.add_argument("--dataset", default=None, help="corpus file for --mode file (.txt, .jsonl, .parquet)")
-    ap.add_argument("--top-k", type=int, default=256)
-    ap.add_argument("--n-ctx", type=int, default=None)
-    ap.add_argument("--n-chunks", type=int, default=None)
-    ap.add_argument("--chunk-tokens", type=int, default=512)
-    ap.add_argument("--exec", default="auto", choices=("auto", "native", "float32"))
-    ap.add_argument("--cache-dir", default=None)
-    ap.add_argument("--rebuild", action="store_true")
-    ap.add_argument("--lock-timeout", type=int, default=600,
-                    help="seconds to wait for another process's build once it shows no sign of life (default: 600)")
-    ap.add_argument("--allow-shared-cache", action="store_true",
-                    help="use a cache directory that other users can write (they could plant entries)")
-    ap.add_argument("--no-chat-template", action="store_true")
-    ap.add_argument("--by-category", action="store_true")
-    ap.add_argument("--json", default=None, help="write every result (no per-position arrays) here")
-    ap.add_argument("--nonfinite", type=int, default=0, metavar="N",
-                    help="positions with NaN or inf log-probs a model may have before it fails (default: 0)")
+    ap.add_argument("--version", action="version", version=f"pytest-kld {__version__}")
+    sub = ap.add_subparsers(dest="command", metavar="{compare,build,info}")
+    cmp = sub.add_parser("compare", help="compare models with the reference (the default command)",
+                         description="Compare each model with the reference, print the leaderboard.")
+    cmp.add_argument("reference", help="reference: local MLX directory, hub id, or a cache entry directory")
+    cmp.add_argument("quants", nargs="+", help="models to compare: local MLX directories or hub ids")
+    add_to_argparse(cmp)
+    bld = sub.add_parser("build", help="build (or open) the reference cache and print where it is")
+    bld.add_argument("reference", help="reference: local MLX directory or hub id")
+    add_to_argparse(bld)
+    info = sub.add_parser("info", help="what a reference cache entry holds")
+    info.add_argument("cache", help="a cache entry directory (manifest.json + arrays.safetensors)")
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
+        argv.insert(0, "compare")
     args = build_parser().parse_args(argv)
-    if args.json:  # fail now, not after every comparison has run
-        parent = os.path.dirname(os.path.abspath(os.path.expanduser(args.json)))
-        if not os.path.isdir(parent):
-            print(f"pytest-kld: --json {args.json}: directory {parent} does not exist", file=sys.stderr)
-            return 2
-    if args.nonfinite < 0:
-        print(f"pytest-kld: --nonfinite {args.nonfinite}: must be at least 0", file=sys.stderr)
+    if args.command is None:
+        build_parser().print_help()
         return 2
-    from .blas import prefer_system_blas
-
-    prefer_system_blas()  # before mlx is imported
-    from .compare import compare
-    from .corpus import corpus_spec
     from .errors import KldError
-    from .files import write_text
-    from .plugin import _jsonable, _strict, nonfinite_line
-    from .reference import Settings, ensure_reference
-    from .report import header_line, leaderboard_lines, result_row
-
-    def progress(done: int, total: int) -> None:
-        end = "\n" if done >= total else "\r"
-        print(f"pytest-kld: reference pass {done}/{total} tokens", end=end, file=sys.stderr, flush=True)
 
     try:
-        spec = corpus_spec(
-            args.mode, dataset=args.dataset, n_ctx=args.n_ctx, n_chunks=args.n_chunks,
-            chat_template=not args.no_chat_template,
-        )
-        settings = Settings(top_k=args.top_k, chunk_tokens=args.chunk_tokens, exec=args.exec)
-        cache = ensure_reference(args.reference, spec, settings, cache_dir=args.cache_dir,
-                                 rebuild=args.rebuild, progress=progress, lock_timeout=args.lock_timeout,
-                                 allow_shared_cache=args.allow_shared_cache)
-        rows, failed = [], 0
-        for model in args.quants:
-            print(f"pytest-kld: comparing {model}", file=sys.stderr, flush=True)
-            result = compare(cache, model)
-            line = nonfinite_line(result, args.nonfinite)
-            if line:
-                print(f"pytest-kld: {result.model} is broken: {line}", file=sys.stderr)
-                failed += 1
-            rows.append(result_row(result, "failed" if line else "passed"))
+        return {"compare": _compare, "build": _build, "info": _info}[args.command](args)
     except KldError as e:
         print(f"pytest-kld: {e}", file=sys.stderr)
         return 2
+
+
+def _settings(args) -> dict:
+    from .errors import KldError
+    from .options import OPTIONS, check
+
+    s = {o.dest: getattr(args, o.dest, o.default) for o in OPTIONS}
+    for o in OPTIONS:
+        why = check(o.dest, s[o.dest], f"--{o.name}")
+        if why:
+            raise KldError(why)
+    return s
+
+
+def _open(s: dict):
+    from .blas import prefer_system_blas
+
+    prefer_system_blas()  # before mlx is imported
+    from .progress import Progress
+    from .run import open_reference
+
+    return open_reference(s, progress=Progress(f"building reference cache {s['reference']} [{s['mode']}]"),
+                          notify=lambda line: print(line, file=sys.stderr, flush=True))
+
+
+def _compare(args) -> int:
+    from .progress import Progress
+    from .run import compare_model, output_paths, row, write_reports
+    from .thresholds import evaluate, validate
+
+    s = _settings(args)
+    s["reference"] = args.reference
+    thresholds = validate({k: getattr(args, k) for k in THRESHOLD_NAMES}, "pytest-kld")
+    if args.nonfinite < 0:
+        raise _error(f"--nonfinite {args.nonfinite}: must be at least 0")
+    output_paths(s, prefix="--")  # before any work
+    cache = _open(s)
+    rows, failed = [], 0
+    for model in args.quants:
+        result = compare_model(cache, s, model, progress=Progress(f"comparing {model}"))
+        message = evaluate(result, thresholds, None, args.nonfinite)
+        if message:
+            print(f"pytest-kld: {message}", file=sys.stderr)
+            failed += 1
+        rows.append(row(result, "failed" if message else "passed", {**thresholds, "nonfinite": args.nonfinite}))
+    from .report import header_line, leaderboard_lines
+    from .run import unique_rows
+
+    rows = unique_rows(rows)
     print(header_line(rows))
-    for line in leaderboard_lines(rows, by_category=args.by_category):
+    for line in leaderboard_lines(rows, by_category=bool(s.get("by_category"))):
         print(line)
-    if args.json:
-        doc = {"direction": "KL(reference || quant)", "results": rows}
-        text = json.dumps(_strict(json.loads(json.dumps(doc, default=_jsonable))), indent=2, allow_nan=False)
-        write_text(args.json, text)
+    write_reports(s, rows)
     return 1 if failed else 0
+
+
+def _build(args) -> int:
+    s = _settings(args)
+    s["reference"] = args.reference
+    cache = _open(s)
+    print(cache.path)
+    return 0
+
+
+def _info(args) -> int:
+    from .reference import ARRAYS, ReferenceCache
+
+    cache = ReferenceCache.load(args.cache)
+    m = cache.manifest
+    facts = {
+        "path": str(cache.path),
+        "key": m.get("key"),
+        "reference": m.get("reference"),
+        "settings": m.get("settings"),
+        "corpus": m.get("corpus"),
+        "positions": cache.n_positions,
+        "chunks": cache.n_chunks,
+        "vocab_size": m.get("vocab_size"),
+        "bytes": (cache.path / ARRAYS).stat().st_size,
+        "bytes_per_position": m.get("bytes_per_position"),
+        "created_at": m.get("created_at"),
+        "versions": m.get("versions"),
+    }
+    print(json.dumps(facts, indent=2, default=str))
+    return 0
+
+
+def _error(message: str):
+    from .errors import KldError
+
+    return KldError(message)

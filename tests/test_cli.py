@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -58,7 +59,7 @@ def test_cli_broken_model_exits_1_with_strict_json(tiny_model, tmp_path):
     common = ("--n-chunks", 6, "--top-k", 16, "--cache-dir", tmp_path / "c", "--json", out)
     p = run(ref, nan, *common)
     assert p.returncode == 1, p.stderr
-    assert "llama-nan is broken:" in p.stderr and "had NaN or inf log-probs" in p.stderr
+    assert f"broken model for {nan}" in p.stderr and "had NaN or inf log-probs" in p.stderr
     text = out.read_text()
     assert "NaN" not in text and "Infinity" not in text
     row = json.loads(text)["results"][0]
@@ -66,3 +67,52 @@ def test_cli_broken_model_exits_1_with_strict_json(tiny_model, tmp_path):
     assert "FAIL" not in p.stdout.split("non-finite")[0] or "non-finite" in p.stdout
     p = run(ref, nan, *common, "--nonfinite", 10**6)
     assert p.returncode == 0, p.stderr
+
+
+def test_cli_threshold_exit_1_strict_versioned_json_and_progress(tiny_model, tmp_path):
+    """Issue 11's must-show: over budget -> exit 1 with the checks on stderr, strict JSON with
+    its schema version and thresholds, and a comparison prints progress with rate and ETA."""
+    ref, q3 = tiny_model("llama"), tiny_model("llama", bits=3)
+    out = tmp_path / "r.json"
+    p = run(ref, q3, "--mean", 0.01, "--n-chunks", 3, "--top-k", 16, "--cache-dir", tmp_path / "c", "--json", out)
+    assert p.returncode == 1, p.stderr
+    assert "KLD over threshold for" in p.stderr and "mean: " in p.stderr and "> allowed 0.01" in p.stderr
+    assert re.search(rf"pytest-kld: comparing {re.escape(str(q3))}: \d+/\d+ tokens, [\d,]+ tok/s, ETA \d+s", p.stderr)
+    text = out.read_text()
+    assert "NaN" not in text
+    doc = json.loads(text)
+    assert doc["schema_version"] == 1 and doc["direction"] == "KL(reference || quant)"
+    (r,) = doc["results"]
+    assert r["outcome"] == "failed" and r["thresholds"] == {"mean": 0.01, "nonfinite": 0}
+    # the same within budget: exit 0, and the cache is reused (said so), not rebuilt
+    p = run(ref, q3, "--mean", 10, "--n-chunks", 3, "--top-k", 16, "--cache-dir", tmp_path / "c")
+    assert p.returncode == 0, p.stderr
+    assert "pytest-kld: reference cache reused: built " in p.stderr and "building" not in p.stderr
+
+
+def test_cli_build_info_and_compare_against_a_cache_without_the_reference(tiny_model, tmp_path):
+    import shutil
+
+    ref = tmp_path / "ref"
+    shutil.copytree(tiny_model("llama"), ref)
+    p = run("build", ref, "--n-chunks", 3, "--top-k", 16, "--cache-dir", tmp_path / "c")
+    assert p.returncode == 0, p.stderr
+    entry = p.stdout.strip().splitlines()[-1]
+    assert (tmp_path / "c") in __import__("pathlib").Path(entry).parents
+    info = run("info", entry)
+    assert info.returncode == 0, info.stderr
+    facts = json.loads(info.stdout)
+    assert facts["settings"]["top_k"] == 16 and facts["positions"] > 0 and facts["reference"]["name"] == str(ref)
+    shutil.rmtree(ref)  # the reference's weights are gone: the cache alone serves
+    p = run("compare", entry, tiny_model("llama", bits=8))
+    assert p.returncode == 0, p.stderr
+    assert "llama-q8" in p.stdout
+
+
+def test_cli_version_and_usage_errors(tmp_path):
+    from pytest_kld import __version__
+
+    p = run("--version")
+    assert p.returncode == 0 and p.stdout.strip() == f"pytest-kld {__version__}"
+    p = run("info", tmp_path / "nothing")
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "not usable" in p.stderr

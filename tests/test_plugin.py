@@ -11,6 +11,7 @@ interpreter (xdist, "is mlx imported?", output reaching the terminal) use
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import xml.etree.ElementTree as ET
@@ -105,27 +106,32 @@ def line_index(lines: list[str], pattern: str) -> int:
 
 
 def test_help_shows_every_option_with_its_default(pytester, monkeypatch):
+    """pytest --help and the command line's --help list the same settings with the same
+    defaults, both derived from the one table (pytest_kld.options.OPTIONS)."""
+    import subprocess
+    import sys
+
+    from pytest_kld.options import OPTIONS, THRESHOLD_NAMES
+
     monkeypatch.setenv("COLUMNS", "250")  # no wrapping inside a help line
     result = pytester.runpytest("--help")
     assert result.ret == 0
     result.stdout.fnmatch_lines(["KL divergence of quantised models (pytest-kld):", "  --kld-reference=REFERENCE*"])
     flat = " ".join(result.stdout.str().split())  # argparse may put the help on the next line
-    defaults = {
-        "reference=REFERENCE": "none; KLD tests error without one",
-        "mode=MODE": "short",
-        "top-k=K": "256",
-        "n-ctx=CTX": "by mode: short 512, long 2048, file 512",
-        "n-chunks=CHUNKS": "all; long 32",
-        "chunk-tokens=TOKENS": "512",
-        "exec=EXEC": "auto",
-        "cache-dir=DIR": "$PYTEST_KLD_CACHE_DIR or the user cache",
-        "json=JSON": "none",
-        "rebuild": "off",
-    }
-    for option, default in defaults.items():
-        key = "kld_" + option.split("=")[0].replace("-", "_")
-        pattern = rf"--kld-{re.escape(option)} (?:(?! --kld-).)*?\(default:? {re.escape(default)}\); ini: {key} "
-        assert re.search(pattern, flat), f"--kld-{option}: default {default!r} or ini key not shown"
+    cli = subprocess.run([sys.executable, "-m", "pytest_kld", "compare", "--help"], capture_output=True, text=True,
+                         env={**os.environ, "COLUMNS": "250"})
+    assert cli.returncode == 0
+    cli_flat = " ".join(cli.stdout.split())
+    for o in OPTIONS:
+        shown = o.name if o.kind is bool else f"{o.name}={o.metavar}"
+        default = re.escape(f"(default: {o.shown_default})")
+        pattern = rf"--kld-{re.escape(shown)} (?:(?! --kld-).)*?{default}; ini: kld_{o.dest} "
+        assert re.search(pattern, flat), f"pytest --help: --kld-{o.name}: default {o.shown_default!r} or ini key not shown"
+        if o.name != "reference":  # the command line's reference is its first argument
+            flag = o.name if o.kind is bool else f"{o.name} {o.metavar}"
+            assert re.search(rf"--{re.escape(flag)} (?:(?! --).)*?{default}", cli_flat), f"pytest-kld --help: --{o.name}"
+    for t in THRESHOLD_NAMES:
+        assert f"--{t.replace('_', '.')} X" in cli_flat
     out = result.stdout.str()
     for key in ("kld_reference", "kld_mode", "kld_top_k", "kld_n_ctx", "kld_chunk_tokens",
                 "kld_cache_dir", "kld_rebuild", "kld_json", "kld_exec"):

@@ -719,7 +719,7 @@ def test_tokenizer_mismatch_one_line(pristine, tmp_path):
 
 
 def test_nonsensical_thresholds_and_settings_one_line(llama, prose_file, tmp_path):
-    from pytest_kld.plugin import validate_thresholds
+    from pytest_kld.thresholds import validate as validate_thresholds
 
     bad = [
         ({"mean": -0.1}, "negative"),
@@ -934,12 +934,12 @@ def test_no_pickle_loads_anywhere():
 def test_trust_remote_code_defaults_off():
     import inspect
 
-    from pytest_kld import plugin
     from pytest_kld.forward import load_model
+    from pytest_kld.options import BY_DEST
 
     for fn in (ensure_reference, compare, load_model):
         assert inspect.signature(fn).parameters["trust_remote_code"].default is False, fn
-    assert "trust-remote-code" in plugin.FLAGS
+    assert BY_DEST["trust_remote_code"].kind is bool and BY_DEST["trust_remote_code"].default is False
 
 
 def test_custom_model_code_refused_unless_asked(llama, pristine, prose_spec, tmp_path):

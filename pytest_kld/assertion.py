@@ -1,0 +1,122 @@
+"""The two comparison fixtures' callables: ``kld_compare`` (no KLD thresholds) and
+``assert_kld`` (thresholds), as objects with real signatures. A failure is one message through
+``pytest.fail`` (no traceback into pytest-kld); every comparison is recorded for the leaderboard,
+JUnit XML (``user_properties``) and xdist."""
+
+from __future__ import annotations
+
+import pytest
+
+from .errors import KldError
+from .thresholds import allowed_nonfinite, evaluate, nonfinite_line, validate, validate_categories
+
+JUNIT_FIGURES = ("mean", "se", "median", "p95", "p99", "max", "top1")
+
+
+class KldCompare:
+    """``kld_compare(model, *, nonfinite=0, name=None, exec=None) -> KldResult``: compare with no
+    KLD thresholds (the test's ``@pytest.mark.kld`` settings apply). A model whose log-probs are
+    NaN or inf at more than ``nonfinite`` positions is broken: the test fails."""
+
+    def __init__(self, node, session, settings: dict, cache):
+        self.node, self.session, self.settings, self.cache = node, session, settings, cache
+
+    def __call__(self, model, *, nonfinite: int = 0, name: str | None = None, exec: str | None = None):
+        __tracebackhide__ = True
+        allowed = _or_fail(lambda: allowed_nonfinite(nonfinite, "kld_compare"))
+        result = self.compare(model, name=name, exec=exec, thresholds={"nonfinite": allowed})
+        line = nonfinite_line(result, allowed)
+        if line:
+            pytest.fail(f"{result.model} is broken: {line}", pytrace=False)
+        return result
+
+    def compare(self, model, *, name=None, exec=None, thresholds: dict | None = None):
+        """One comparison, recorded; a KldError fails the test in one line."""
+        __tracebackhide__ = True
+        from .run import compare_model
+
+        label = f"comparing {name or model}"
+        result = _or_fail(lambda: compare_model(self.cache, self.settings, model, name=name, exec=exec,
+                                                progress=self.session.progress(label)))
+        self._record(result, thresholds)
+        return result
+
+    def _record(self, result, thresholds: dict | None) -> None:
+        from .run import row
+
+        r = row(result, thresholds=thresholds)
+        r["nodeid"] = self.node.nodeid
+        s = result.summary
+        props = [("kld_model", result.model), ("kld_reference", result.reference.get("name")),
+                 ("kld_direction", "KL(reference || quant)"), ("kld_exec", result.exec)]
+        props += [(f"kld_{k}", s[k]) for k in JUNIT_FIGURES if s.get(k) is not None]
+        props += [("kld_positions", s.get("count", 0) + s.get("nonfinite", 0)), ("kld_nonfinite", s.get("nonfinite", 0))]
+        props += [(f"kld_threshold_{k}", v) for k, v in (thresholds or {}).items()]
+        if r.get("bpw") is not None:
+            props.append(("kld_bits_per_weight", r["bpw"]))
+        self.session.record(self.node, r, props)
+
+
+class AssertKld:
+    """``assert_kld(model, *, mean=None, median=None, p90=None, p95=None, p99=None, p99_9=None,
+    max=None, top1=None, categories=None, nonfinite=0, name=None, exec=None) -> KldResult``
+
+    Compares ``model`` with the reference and fails the test, in one message, listing every
+    threshold with its observed value: KLD figures (nats, KL(reference || quant)) must be at most
+    their value, top1 (the share of positions where both models' top token agree) at least its
+    value; a value equal to its threshold passes. ``categories`` maps a corpus category to its own
+    thresholds, e.g. ``{"code": {"mean": 0.05}}``. More than ``nonfinite`` positions with NaN or inf
+    log-probs fail the test too (a broken model). The reference is set up before the test runs (a
+    missing one is a setup error).
+    """
+
+    def __init__(self, compare: KldCompare):
+        self._compare = compare
+
+    def __call__(
+        self,
+        model,
+        /,
+        *positional,
+        mean=None,
+        median=None,
+        p90=None,
+        p95=None,
+        p99=None,
+        p99_9=None,
+        max=None,
+        top1=None,
+        categories: dict | None = None,
+        nonfinite: int = 0,
+        name: str | None = None,
+        exec: str | None = None,
+        **unknown,
+    ):
+        __tracebackhide__ = True
+        limits = dict(mean=mean, median=median, p90=p90, p95=p95, p99=p99, p99_9=p99_9, max=max, top1=top1)
+
+        def checked():
+            if positional:
+                raise KldError(
+                    "assert_kld: thresholds are keywords, e.g. assert_kld(model, mean=0.1, p99=1.0); "
+                    f"got positional {', '.join(map(repr, positional))}"
+                )
+            return validate({**limits, **unknown}), validate_categories(categories), allowed_nonfinite(
+                nonfinite, "assert_kld")
+
+        thresholds, cats, allowed = _or_fail(checked)
+        result = self._compare.compare(model, name=name, exec=exec, thresholds={**thresholds, "nonfinite": allowed})
+        message = evaluate(result, thresholds, cats, allowed)
+        if message:
+            pytest.fail(message, pytrace=False)
+        return result
+
+
+def _or_fail(fn):
+    """``fn()``, or the test failed with the KldError's one line (no chained traceback)."""
+    __tracebackhide__ = True
+    try:
+        return fn()
+    except KldError as e:
+        message = str(e)
+    pytest.fail(message, pytrace=False)

@@ -1,0 +1,204 @@
+"""The one run path, used by the pytest plugin and the command line alike:
+
+    settings ─► corpus spec ─► reference cache (opened or built) ─► comparison ─► row ─► reports
+
+Settings are a plain dict keyed by :data:`pytest_kld.options.OPTIONS` dests (``top_k``,
+``mode``...), already validated. Heavy modules (mlx, numpy) are imported inside the functions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from .errors import KldError
+from .options import OPTIONS
+
+RESULTS_SCHEMA_VERSION = 1
+
+
+def defaults() -> dict:
+    """Every setting at its default."""
+    return {o.dest: o.default for o in OPTIONS}
+
+
+def corpus_for(s: dict):
+    from .corpus import corpus_spec
+
+    return corpus_spec(
+        s["mode"],
+        dataset=s.get("dataset"),
+        n_ctx=s.get("n_ctx"),
+        n_chunks=s.get("n_chunks"),
+        chat_template=not s.get("no_chat_template"),
+    )
+
+
+def is_cache_dir(reference) -> bool:
+    """A reference given as a cache entry directory (its manifest and arrays), not a model."""
+    p = Path(os.fspath(reference)).expanduser()
+    return (p / "manifest.json").is_file() and (p / "arrays.safetensors").is_file()
+
+
+def open_reference(
+    s: dict,
+    *,
+    progress: Callable[[int, int], None] | None = None,
+    notify: Callable[[str], None] | None = None,
+    rebuild_before: float | None = None,
+):
+    """The reference cache for settings ``s``: an entry directory as given, else the cache of
+    the reference model, built if needed. Says when an existing cache is reused."""
+    from .reference import ReferenceCache, Settings, ensure_reference
+
+    if is_cache_dir(s["reference"]):
+        cache = ReferenceCache.load(Path(s["reference"]).expanduser())
+        _say_reused(cache, notify)
+        return cache
+    built: list = []
+    cache = ensure_reference(
+        s["reference"],
+        corpus_for(s),
+        Settings(top_k=int(s["top_k"]), chunk_tokens=int(s["chunk_tokens"]), exec=s["exec"]),
+        cache_dir=s.get("cache_dir"),
+        revision=s.get("revision"),
+        rebuild=bool(s.get("rebuild")) and rebuild_before is None,
+        rebuild_before=rebuild_before,
+        progress=progress,
+        trust_remote_code=bool(s.get("trust_remote_code")),
+        on_build=built.append,
+        full_hash=bool(s.get("full_hash")),
+        lock_timeout=float(s["lock_timeout"]),
+        allow_shared_cache=bool(s.get("allow_shared_cache")),
+        notify=notify,
+    )
+    if not built:
+        _say_reused(cache, notify)
+    return cache
+
+
+def _say_reused(cache, notify) -> None:
+    if notify is None:
+        return
+    created = cache.manifest.get("created_at")
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(created)) if created else "at an unknown time"
+    notify(f"pytest-kld: reference cache reused: built {when}, {cache.n_positions} positions ({cache.path})")
+
+
+def compare_model(cache, s: dict, model, *, name=None, exec=None, progress=None):
+    """Compare ``model`` with the cache under settings ``s`` (a KldResult)."""
+    from .compare import compare
+
+    return compare(
+        cache,
+        model,
+        exec=exec or (None if s["exec"] == "auto" else s["exec"]),
+        chunk_tokens=int(s["chunk_tokens"]),
+        name=name,
+        trust_remote_code=bool(s.get("trust_remote_code")),
+        full_hash=bool(s.get("full_hash")),
+        progress=progress,
+    )
+
+
+def row(result, outcome: str | None = None, thresholds: dict | None = None) -> dict:
+    """The plain, JSON-able leaderboard row of a result."""
+    from .report import result_row
+
+    r = json.loads(json.dumps(result_row(result, outcome), default=_jsonable))
+    if thresholds:
+        r["thresholds"] = thresholds
+    return r
+
+
+def unique_rows(rows: list[dict]) -> list[dict]:
+    """One row per (model, reference, mode, K, exec); a failed outcome wins over a pass. Stable
+    order whatever order the rows arrived in (xdist completes tests in any order)."""
+    out: dict = {}
+    for r in rows:
+        key = (r.get("path"), r.get("reference"), r.get("mode"), r.get("top_k"), r.get("exec"))
+        if key not in out or r.get("outcome") == "failed":
+            out[key] = r
+    return sorted(out.values(), key=lambda r: tuple(str(v) for v in (r.get("model"), r.get("path"), r.get("mode"),
+                                                                       r.get("top_k"), r.get("exec"))))
+
+
+def output_paths(s: dict, prefix: str = "--kld-") -> None:
+    """Fail now, not after an hour of comparisons, when a report's directory does not exist."""
+    for name in ("json", "markdown", "chart"):
+        if s.get(name):
+            parent = os.path.dirname(os.path.abspath(os.path.expanduser(s[name])))
+            if not os.path.isdir(parent):
+                raise KldError(f"{prefix}{name} {s[name]}: directory {parent} does not exist")
+
+
+def write_reports(s: dict, rows: list[dict]) -> None:
+    """The JSON results (always, when asked: CI that reads it finds the settings), and with rows
+    the Markdown summary and the chart. GitHub's step summary collects; anything else is replaced."""
+    if s.get("json"):
+        write_json(s["json"], s, rows)
+    if rows and (s.get("markdown") or s.get("chart")):
+        from . import export
+        from .report import header_fields
+
+        if s.get("markdown"):
+            append = os.environ.get("GITHUB_STEP_SUMMARY") == s["markdown"]
+            export.write_markdown(rows, s["markdown"], header_fields(rows), append=append)
+        if s.get("chart"):
+            export.write_chart(rows, s["chart"])
+
+
+def write_json(path: str, s: dict, rows: list[dict]) -> None:
+    """The versioned results document, strict JSON (NaN and inf become null), written atomically."""
+    from . import __version__
+    from .files import write_text
+
+    doc = {
+        "schema_version": RESULTS_SCHEMA_VERSION,
+        "tool": "pytest-kld",
+        "version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "direction": "KL(reference || quant)",
+        "settings": dict(s),
+        "versions": _versions(),
+        "python": sys.version.split()[0],
+        "platform": sys.platform,
+        "results": rows,
+    }
+    text = json.dumps(strict(json.loads(json.dumps(doc, default=_jsonable))), indent=2, allow_nan=False)
+    write_text(path, text)
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("pytest-kld", "mlx", "mlx-lm", "numpy", "pytest", "huggingface_hub"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def _jsonable(x):
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return str(x)
+
+
+def strict(x):
+    """``x`` with every non-finite float replaced by None (JSON has no NaN)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: strict(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [strict(v) for v in x]
+    return x
