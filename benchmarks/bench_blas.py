@@ -14,6 +14,8 @@ import subprocess
 import sys
 import tempfile
 
+import repo_paths  # noqa: F401  (demo/ and tests/ on sys.path)
+
 CHILD = r"""
 import json, os, sys, time
 import numpy as np
@@ -36,7 +38,7 @@ print(json.dumps({"blas": desc, "gflops": gflops}))
 
 
 def main() -> None:
-    from pytest_kld.testing import build_model
+    from tiny import build_model
 
     tmp = tempfile.mkdtemp()
     model = build_model(os.path.join(tmp, "m"), "llama")

@@ -16,6 +16,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import repo_paths  # noqa: F401  (demo/ and tests/ on sys.path)
+
 CHILD = r"""
 import json, resource, sys, time
 from pytest_kld.blas import prefer_system_blas
@@ -36,7 +38,7 @@ def main() -> None:
     ap.add_argument("--demo-dir", type=Path, default=None)
     ap.add_argument("--n-ctx", type=int, default=2048)
     args = ap.parse_args()
-    from pytest_kld import smollm2
+    import smollm2
 
     ref = smollm2.ensure_reference(args.demo_dir)
     from pydoc_data.topics import topics

@@ -16,6 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import repo_paths  # noqa: F401  (demo/ and tests/ on sys.path)
+
 
 def rss_mb() -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -44,8 +46,8 @@ def main() -> None:
     blas = prefer_system_blas()
     import mlx.core as mx
     import numpy as np
+    import smollm2
 
-    from pytest_kld import smollm2
     from pytest_kld.compare import compare
     from pytest_kld.corpus import corpus_spec
     from pytest_kld.divergence import compare_rows, log_softmax, sparsify

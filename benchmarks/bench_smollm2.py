@@ -20,7 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from pytest_kld import smollm2
+import repo_paths  # noqa: F401  (demo/ and tests/ on sys.path)
+import smollm2
 
 
 def _blas() -> str:

@@ -3,7 +3,7 @@
     python quantize.py [--reference HuggingFaceTB/SmolLM2-135M-Instruct] [--out out]
 
 The names match tests/test_quants.py. (pytest-kld's own demo builds the same recipes from a
-local copy of the reference with ``python -m pytest_kld.smollm2``.)
+local copy of the reference with ``python demo/smollm2.py``.)
 """
 
 import argparse

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 
 from pytest_kld.blas import prefer_system_blas
-from pytest_kld.testing import ARCHS, build_model, quantize
+
+# The demo's GGUF converter lives outside the installed package, in the repository's demo/.
+DEMO_DIR = Path(__file__).resolve().parent.parent / "demo"
+sys.path.insert(0, str(DEMO_DIR))
+
+from tiny import ARCHS, build_model, quantize  # noqa: E402  (tests/ is on sys.path: pytest's rootdir conftest)
 
 # Before anything imports mlx: MLX's float32 matmuls on the system OpenBLAS (see pytest_kld/blas.py).
 BLAS = prefer_system_blas()

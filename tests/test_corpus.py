@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny import write_tokenizer
 
 from pytest_kld import corpus as C
 from pytest_kld.corpus import CorpusSpec, corpus_spec, tokenize_corpus
 from pytest_kld.errors import CorpusError
-from pytest_kld.testing import write_tokenizer
 
 # --------------------------------------------------------------------------------------------
 # tokenizers: the tiny byte-level one (one token per UTF-8 byte), and a variant that adds BOS
@@ -711,8 +711,7 @@ def test_merged_tokens_spans(tok_merges):
 def test_with_a_tiny_model_loaded_by_mlx_lm(tmp_path):
     """The tokenizer exactly as the engine gets it: ``mlx_lm.load`` on a tiny model dir."""
     import mlx_lm
-
-    from pytest_kld.testing import build_model
+    from tiny import build_model
 
     path = build_model(tmp_path / "tiny", "qwen3")
     _, tok = mlx_lm.load(str(path))

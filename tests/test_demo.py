@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import DEMO_DIR
 
 QUANTS = ["8bit-g64", "6bit-g64", "4bit-g64", "3bit-g64"]
 
@@ -21,7 +22,7 @@ QUANTS = ["8bit-g64", "6bit-g64", "4bit-g64", "3bit-g64"]
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     cmd = [
-        sys.executable, "-m", "pytest_kld.demo", "--quants", *QUANTS, "--",
+        sys.executable, str(DEMO_DIR / "run.py"), "--quants", *QUANTS, "--",
         "--kld-n-chunks=12", f"--kld-json={out / 'results.json'}", f"--kld-cache-dir={out / 'kld-cache'}",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ), timeout=1500)

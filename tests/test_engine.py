@@ -252,7 +252,7 @@ def test_corrupt_cache_refused(case, tiny_model, prose_spec, tmp_path):
 
 
 def test_tokenizer_mismatch_refused(tiny_model, cache_for, tmp_path):
-    from pytest_kld.testing import build_model
+    from tiny import build_model
 
     other = build_model(tmp_path / "other-tok", "llama", tokenizer_merges=4)
     with pytest.raises(TokenizerMismatch) as e:
@@ -262,7 +262,7 @@ def test_tokenizer_mismatch_refused(tiny_model, cache_for, tmp_path):
 
 def test_padding_rows_are_fine(tiny_model, cache_for, tmp_path):
     """A comparison model with more (padding) output rows is compared over the reference's ids."""
-    from pytest_kld.testing import build_model
+    from tiny import build_model
 
     wide = build_model(tmp_path / "wide", "llama", vocab_size=384)
     r = compare(cache_for("llama"), wide)

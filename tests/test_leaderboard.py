@@ -10,6 +10,7 @@ import re
 import shutil
 
 import pytest
+from tiny import embed_head_8, routers_float_shared8_linear6
 
 from pytest_kld.compare import compare
 from pytest_kld.export import chart_figure, markdown
@@ -21,7 +22,6 @@ from pytest_kld.report import (
     quant_lines,
     result_row,
 )
-from pytest_kld.testing import embed_head_8, routers_float_shared8_linear6
 
 SETTINGS = Settings(top_k=64, chunk_tokens=64)
 
@@ -224,8 +224,9 @@ QUANTS = {
 def rows(tiny_model, prose_file, tmp_path_factory):
     """Leaderboard rows of real comparisons: each arch's reference against itself and its quants
     (3 chunks of 128 tokens: the metadata is the point here, not the KLD's precision)."""
+    from tiny import quantize
+
     from pytest_kld.corpus import corpus_spec
-    from pytest_kld.testing import quantize
 
     spec = corpus_spec("file", dataset=str(prose_file), n_ctx=128, n_chunks=3)
 

@@ -10,6 +10,7 @@ import struct
 from pathlib import Path
 
 import pytest
+from tiny import embed_head_8, routers_float_shared8_linear6
 
 from pytest_kld.errors import KldError, ModelError
 from pytest_kld.models import (
@@ -23,7 +24,6 @@ from pytest_kld.models import (
     tokenizer_fingerprint,
     weights_fingerprint,
 )
-from pytest_kld.testing import embed_head_8, routers_float_shared8_linear6
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -430,7 +430,7 @@ def test_read_header_matches_safetensors_library(tmp_path):
 
 
 def _write_tok(path: Path, merges=0) -> Path:
-    from pytest_kld.testing import write_tokenizer
+    from tiny import write_tokenizer
 
     write_tokenizer(path, merges=merges)
     return path
@@ -533,7 +533,7 @@ QUANTS = [
 def tiny(tmp_path_factory):
     """Tiny references and their quants, built once: {name: path}."""
     pytest.importorskip("mlx_lm")
-    from pytest_kld.testing import build_model, quantize
+    from tiny import build_model, quantize
 
     root = tmp_path_factory.mktemp("tiny_models")
     out = {}

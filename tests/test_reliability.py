@@ -564,7 +564,7 @@ def test_changed_settings_never_reuse_the_old_entry(llama, prose_file, tmp_path)
         (model / "config.json").write_text(json.dumps(cfg))
 
     def tokenizer_swap():
-        from pytest_kld.testing import write_tokenizer
+        from tiny import write_tokenizer
 
         write_tokenizer(model, merges=2)
 
@@ -702,7 +702,7 @@ def test_model_errors_one_line(llama, prose_spec, pristine, tmp_path, monkeypatc
 
 
 def test_tokenizer_mismatch_one_line(pristine, tmp_path):
-    from pytest_kld.testing import build_model
+    from tiny import build_model
 
     root, rel, _ = pristine
     cache = ReferenceCache.load(root / rel)

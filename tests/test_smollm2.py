@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from pytest_kld import smollm2
+import smollm2
+from conftest import DEMO_DIR
 
 # Three paragraphs of plain English prose, written for this test.
 PROSE = """\
@@ -231,7 +231,7 @@ def test_killed_build_is_not_trusted(tmp_path):
         f"""
         import time
         from pathlib import Path
-        from pytest_kld import smollm2
+        import smollm2
 
         def build(tmp):
             tmp.mkdir()
@@ -242,7 +242,7 @@ def test_killed_build_is_not_trusted(tmp_path):
         smollm2.build_atomically(Path({str(target)!r}), build)
         """
     )
-    proc = subprocess.Popen([sys.executable, "-c", script])
+    proc = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": str(DEMO_DIR)})
     try:
         deadline = time.monotonic() + 30
         while not (tmp_path / "started").exists():

@@ -146,12 +146,14 @@ def build_model(
     ``peak`` scales the output projection so next-token distributions are peaked (a realistic
     entropy, not a near-uniform one, so that quantisation changes KL measurably).
     """
-    from .blas import prefer_system_blas
+    from pytest_kld.blas import prefer_system_blas
 
     prefer_system_blas()
+    import importlib
+
     import mlx.core as mx
     from mlx.utils import tree_flatten, tree_map_with_path
-    from mlx_lm.utils import _get_classes, save_config, save_model
+    from mlx_lm.utils import save_config, save_model
 
     path = Path(path)
     if arch not in ARCHS:
@@ -160,7 +162,8 @@ def build_model(
     text = config.get("text_config", config)
     text["vocab_size"] = vocab_size
     config["torch_dtype"] = dtype
-    model_class, args_class = _get_classes(config)
+    arch_module = importlib.import_module(f"mlx_lm.models.{config['model_type']}")  # public model classes
+    model_class, args_class = arch_module.Model, arch_module.ModelArgs
     mx.random.seed(seed)
     model = model_class(args_class.from_dict(config))
     # Re-draw every weight from a seeded normal so the model depends on ``seed`` alone, then
@@ -211,7 +214,7 @@ def quantize(
     import contextlib
     import io
 
-    from .blas import prefer_system_blas
+    from pytest_kld.blas import prefer_system_blas
 
     prefer_system_blas()
     from mlx_lm import convert

