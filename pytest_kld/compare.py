@@ -106,8 +106,9 @@ def compare(
     """
     from .blas import prefer_system_blas
     from .divergence import compare_rows
+    from .fingerprint import tokenizer_fingerprint, weights_fingerprint
     from .forward import iter_corpus_logprobs, load_model, logits_width
-    from .models import resolve_model, tokenizer_fingerprint, weights_fingerprint
+    from .hub import resolve_model
     from .stats import summarize, summarize_groups
 
     t0 = time.time()
@@ -157,7 +158,7 @@ def compare(
     info = {}
     if with_info:
         try:
-            from .models import model_info
+            from .quantinfo import model_info
 
             info = model_info(path).to_dict()
         except Exception as e:  # metadata is a courtesy; the KL figures stand without it

@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import CorpusError
-from .reference import sha256_file, tokens_sha256
+from .fingerprint import sha256_file, tokens_sha256
 
 __all__ = [
     "CorpusSpec",
@@ -295,7 +295,7 @@ _WIKITEXT_FAILED: dict = {}
 
 def _resolve_wikitext(cache_dir=None, local_files_only: bool | None = None) -> Path:
     """Path of the WikiText-2 raw test parquet: from the cache, else (if allowed) downloaded."""
-    from .models import hub_cache_dir, hub_offline
+    from .hub import hub_cache_dir, hub_offline
 
     cache = str(Path(cache_dir).expanduser() if cache_dir is not None else hub_cache_dir())
     offline = hub_offline() if local_files_only is None else bool(local_files_only)

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import CacheError, KldError
+from .fingerprint import sha256_file, sha256_json, tokens_sha256
 
 FORMAT_VERSION = 2  # 2: log-softmax and top-K in numpy (float32), not MLX
 ARRAYS = "arrays.safetensors"
@@ -96,27 +97,6 @@ def default_cache_dir() -> Path:
         return Path.home() / "Library" / "Caches" / "pytest-kld"
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "pytest-kld"
-
-
-def _sha256_json(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def tokens_sha256(chunks, ranges) -> str:
-    """The corpus checksum a manifest commits to: every chunk's length, scored range and ids."""
-    h = hashlib.sha256()
-    for c, (s, e) in zip(chunks, ranges):
-        h.update(np.asarray([len(c), s, e], dtype="<i8").tobytes())
-        h.update(np.asarray(c, dtype="<i4").tobytes())
-    return h.hexdigest()
 
 
 def id_dtype(vocab: int):
@@ -216,7 +196,7 @@ class ReferenceCache:
                 f"format version {manifest.get('format_version')!r}, this pytest-kld reads {FORMAT_VERSION}"
             )
         body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
-        if manifest.get("manifest_sha256") != _sha256_json(body):
+        if manifest.get("manifest_sha256") != sha256_json(body):
             raise bad(f"{MANIFEST} was edited (its checksum does not match)")
         for name, typ in MANIFEST_FIELDS.items():
             if not isinstance(manifest.get(name), typ):
@@ -226,7 +206,7 @@ class ReferenceCache:
             if missing:
                 raise bad(f"{MANIFEST} {part} lacks {', '.join(missing)}")
         key = manifest.get("key")
-        if key != _sha256_json(manifest.get("key_material")):
+        if key != sha256_json(manifest.get("key_material")):
             raise bad("its key does not match its settings")
         if expect_key is not None and key != expect_key:
             raise bad("it was built for other settings")
@@ -405,8 +385,10 @@ def plan_reference(
     """
     import dataclasses
 
+    from .fingerprint import tokenizer_fingerprint, weights_fingerprint
     from .forward import resolve_exec
-    from .models import output_width, resolve_model, tokenizer_fingerprint, weights_fingerprint
+    from .hub import resolve_model
+    from .models import output_width
 
     path = resolve_model(reference, revision=revision)
     fp = weights_fingerprint(path, full=full_hash)
@@ -416,7 +398,7 @@ def plan_reference(
     if width and settings.top_k > width:  # K beyond the vocabulary keeps it all: one entry for all such K
         settings = dataclasses.replace(settings, top_k=width)
     material = _key_material(fp, tfp, corpus.key_dict(), settings, exec_used)
-    key = _sha256_json(material)
+    key = sha256_json(material)
     entry = entry_path(Path(cache_dir) if cache_dir else default_cache_dir(), fp, corpus.mode, key)
     return ReferencePlan(str(reference), path, fp, tfp, corpus, settings, exec_used, material, key, entry, revision)
 
@@ -637,7 +619,7 @@ def _write_entry(entry: Path, arrays: dict, manifest: dict) -> None:
         del data
         _fsync(apath)
         manifest = dict(manifest, arrays_bytes=apath.stat().st_size, arrays_sha256=sha256_file(apath))
-        manifest["manifest_sha256"] = _sha256_json(manifest)
+        manifest["manifest_sha256"] = sha256_json(manifest)
         mpath = tmp / MANIFEST
         with open(mpath, "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=1, sort_keys=True)

@@ -14,7 +14,7 @@ from tiny import embed_head_8, routers_float_shared8_linear6
 
 from pytest_kld.compare import compare
 from pytest_kld.export import chart_figure, markdown
-from pytest_kld.models import weights_fingerprint
+from pytest_kld.fingerprint import weights_fingerprint
 from pytest_kld.reference import Settings, ensure_reference, plan_reference
 from pytest_kld.report import (
     category_lines,

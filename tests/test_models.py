@@ -13,17 +13,10 @@ import pytest
 from tiny import embed_head_8, routers_float_shared8_linear6
 
 from pytest_kld.errors import KldError, ModelError
-from pytest_kld.models import (
-    ModelInfo,
-    display_name,
-    hub_cache_dir,
-    model_info,
-    read_safetensors_header,
-    resolve_model,
-    tensor_role,
-    tokenizer_fingerprint,
-    weights_fingerprint,
-)
+from pytest_kld.fingerprint import tokenizer_fingerprint, weights_fingerprint
+from pytest_kld.hub import hub_cache_dir, resolve_model
+from pytest_kld.models import read_safetensors_header
+from pytest_kld.quantinfo import ModelInfo, display_name, model_info, tensor_role
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -290,7 +283,7 @@ def test_sampled_fingerprint_of_a_large_file_sees_a_rewrite_but_not_a_one_byte_e
     blocks does not (the documented limit, what --kld-full-hash is for)."""
     import numpy as np
 
-    from pytest_kld.models import SAMPLE_BLOCKS, SAMPLE_BYTES
+    from pytest_kld.fingerprint import SAMPLE_BLOCKS, SAMPLE_BYTES
 
     n = 3 * SAMPLE_BLOCKS * SAMPLE_BYTES // 4  # float32 elements: 12 MiB of data
     a = fake_model(tmp_path / "a", tensors={"w": ("F32", [n])})
@@ -359,7 +352,7 @@ def test_weights_fingerprint_kinds_and_sensitivity(tmp_path):
 
 def test_weights_fingerprint_reads_a_bounded_sample(tmp_path, monkeypatch):
     """The sampled fingerprint reads the header and at most 1,024 blocks of 4 KiB per file."""
-    from pytest_kld.models import SAMPLE_BLOCKS, SAMPLE_BYTES
+    from pytest_kld.fingerprint import SAMPLE_BLOCKS, SAMPLE_BYTES
 
     a = fake_model(tmp_path / "a", tensors={"w": ("F32", [4096, 1024])})  # 16 MiB
     size = (a / "model.safetensors").stat().st_size

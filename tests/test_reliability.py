@@ -29,16 +29,15 @@ from conftest import PROSE
 from pytest_kld.compare import compare
 from pytest_kld.corpus import corpus_spec
 from pytest_kld.errors import CacheError, KldError, ModelError, ThresholdError, TokenizerMismatch
+from pytest_kld.fingerprint import sha256_file, sha256_json
 from pytest_kld.reference import (
     ARRAYS,
     MANIFEST,
     ReferenceCache,
     Settings,
-    _sha256_json,
     ensure_reference,
     entry_path,
     plan_reference,
-    sha256_file,
 )
 
 PKG = Path(__file__).resolve().parents[1] / "pytest_kld"
@@ -438,7 +437,7 @@ def _resign(entry: Path, arrays_fn=None, manifest_fn=None) -> None:
     m["arrays_bytes"] = (entry / ARRAYS).stat().st_size
     m["arrays_sha256"] = sha256_file(entry / ARRAYS)
     m.pop("manifest_sha256", None)
-    m["manifest_sha256"] = _sha256_json(m)
+    m["manifest_sha256"] = sha256_json(m)
     (entry / MANIFEST).write_text(json.dumps(m))
 
 
