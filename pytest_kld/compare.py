@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import ModelError, TokenizerMismatch
-from .reference import TOKENIZER_PROBE, ReferenceCache, tokenizer_size
+from .reference import ReferenceCache
+from .refpass import TOKENIZER_PROBE, tokenizer_size
 
 # How the tail beyond the cached top K is treated (divergence.py): one bin plus the estimated
 # inner KL of the tails from the log-ratio spread at ranks K/2..K.

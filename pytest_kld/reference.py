@@ -64,13 +64,6 @@ MANIFEST_FIELDS = {
     "arrays_bytes": int,
     "arrays_sha256": str,
 }
-# Text whose ids the cache records: a comparison model's tokenizer must give the same ids.
-TOKENIZER_PROBE = (
-    "The quick brown fox jumps over 13 lazy dogs; naïve café, straße. "
-    "def f(x): return {\"a\": [1, 2.5e-3]}  日本語のテキスト。 Привет, мир! مرحبا 🙂"
-)
-
-
 @dataclass(frozen=True)
 class Settings:
     """What the reference pass is run with (each part of the cache key)."""
@@ -97,11 +90,6 @@ def default_cache_dir() -> Path:
         return Path.home() / "Library" / "Caches" / "pytest-kld"
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "pytest-kld"
-
-
-def id_dtype(vocab: int):
-    """The narrowest unsigned integer type that holds every id of a ``vocab``-sized vocabulary."""
-    return np.uint16 if vocab <= 1 << 16 else np.uint32
 
 
 # --------------------------------------------------------------------------------------------
@@ -515,63 +503,15 @@ def check_private(directory: Path, allow_shared: bool = False) -> None:
 
 
 def _build(plan: ReferencePlan, *, progress=None, trust_remote_code: bool = False) -> None:
-    """Run the reference over the corpus and write the entry atomically (caller holds the lock)."""
-    from .corpus import tokenize_corpus
-    from .divergence import sparsify
-    from .forward import iter_corpus_logprobs, load_model, logits_width
+    """Run the reference pass (:mod:`pytest_kld.refpass`) and write the entry atomically (the
+    caller holds the lock)."""
+    from .refpass import reference_pass
 
-    entry = plan.entry
-    _check_writable(entry)  # before the (long) pass, not after it
-
-    t0 = time.time()
-    lm = load_model(plan.path, plan.exec, trust_remote_code=trust_remote_code)
-    tok = lm.tokenizer
-    corpus = tokenize_corpus(plan.corpus, tok)
-    chunks = [np.asarray(c, dtype=np.int32) for c in corpus.chunks]
-    ranges = [(int(s), int(e)) for s, e in corpus.score_ranges]
-    for i, (c, (s, e)) in enumerate(zip(chunks, ranges)):
-        if not (0 <= s <= e <= len(c) - 1):
-            raise KldError(f"corpus chunk {i}: scored range [{s}, {e}) does not fit its {len(c)} tokens")
-    cat_names = sorted(set(corpus.categories))
-    chunk_cat = np.array([cat_names.index(c) for c in corpus.categories], dtype=np.int32)
-    vocab = logits_width(lm.model)
-    tok_len = tokenizer_size(tok)
-    if tok_len > vocab:
-        raise KldError(f"{plan.reference}: tokenizer has {tok_len} tokens but the model only {vocab} logits")
-    idt = id_dtype(vocab)
-    ids_l, lp_l, tail_l, tgt_l = [], [], [], []
-    for i, row, lp in iter_corpus_logprobs(
-        lm.model, chunks, ranges, chunk_tokens=plan.settings.chunk_tokens, vocab=vocab, progress=progress
-    ):
-        first = ranges[i][0] + row  # the output position of this piece's first row
-        rows = sparsify(lp, chunks[i][first + 1 : first + 1 + len(lp)], plan.settings.top_k)
-        if not (np.all(np.isfinite(rows.logprobs)) and np.all(np.isfinite(rows.target))):
-            raise KldError(f"{plan.reference}: the reference produced NaN or inf log-probs in chunk {i}")
-        ids_l.append(rows.ids.astype(idt))
-        lp_l.append(rows.logprobs)
-        tail_l.append(rows.tail)
-        tgt_l.append(rows.target)
-    probe = [int(x) for x in tok.encode(TOKENIZER_PROBE, add_special_tokens=False)]
-    lm.release()
-    elapsed = time.time() - t0
-    k = min(plan.settings.top_k, vocab)
-    arrays = {
-        "tokens": np.concatenate(chunks).astype(np.int32) if chunks else np.zeros(0, np.int32),
-        "chunk_offsets": np.concatenate([[0], np.cumsum([len(c) for c in chunks])]).astype(np.int64),
-        "score_ranges": np.array(ranges, dtype=np.int32).reshape(-1, 2),
-        "chunk_category": chunk_cat,
-        "topk_ids": np.concatenate(ids_l) if ids_l else np.zeros((0, k), idt),
-        "topk_logprobs": np.concatenate(lp_l) if lp_l else np.zeros((0, k), np.float32),
-        "tail": np.concatenate(tail_l) if tail_l else np.zeros(0, np.float32),
-        "target": np.concatenate(tgt_l) if tgt_l else np.zeros(0, np.float32),
-    }
-    n_pos = int(arrays["topk_ids"].shape[0])
-    import mlx.core as mx
-    import mlx_lm
-
-    from . import __version__
-    from .blas import prefer_system_blas
-
+    _check_writable(plan.entry)  # before the (long) pass, not after it
+    arrays, facts = reference_pass(
+        plan.path, plan.corpus, top_k=plan.settings.top_k, chunk_tokens=plan.settings.chunk_tokens,
+        exec_mode=plan.exec, progress=progress, trust_remote_code=trust_remote_code, name=plan.reference,
+    )
     manifest = {
         "format_version": FORMAT_VERSION,
         "key": plan.key,
@@ -584,26 +524,10 @@ def _build(plan: ReferencePlan, *, progress=None, trust_remote_code: bool = Fals
             "fingerprint": plan.fingerprint,
             "tokenizer_fingerprint": plan.tokenizer_fingerprint,
         },
-        "settings": {
-            "top_k": k,
-            "chunk_tokens": plan.settings.chunk_tokens or 0,
-            "exec": plan.exec,
-        },
-        "corpus": {**corpus.identity, "mode": plan.corpus.mode},
-        "categories": cat_names,
-        "vocab_size": vocab,
-        "tokenizer_size": tok_len,
-        "tokenizer_probe": probe,
-        "positions": n_pos,
-        "bytes_per_position": int(
-            sum(arrays[n].nbytes for n in ("topk_ids", "topk_logprobs", "tail", "target")) // max(n_pos, 1)
-        ),
-        "build_seconds": round(elapsed, 3),
-        "versions": {"pytest_kld": __version__, "mlx": mx.__version__, "mlx_lm": mlx_lm.__version__},
-        "blas": prefer_system_blas(),
+        **facts,
         "shapes": {name: list(a.shape) for name, a in arrays.items()},
     }
-    _write_entry(entry, arrays, manifest)
+    _write_entry(plan.entry, arrays, manifest)
 
 
 def _write_entry(entry: Path, arrays: dict, manifest: dict) -> None:
@@ -688,9 +612,3 @@ def _fsync_dir(path: Path) -> None:
         _fsync(path)
     except OSError:
         pass
-
-
-def tokenizer_size(tok) -> int:
-    """Number of tokens of an mlx-lm TokenizerWrapper or HF tokenizer, added tokens included."""
-    inner = getattr(tok, "_tokenizer", tok)
-    return int(len(inner))

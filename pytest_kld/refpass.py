@@ -1,0 +1,121 @@
+"""The reference pass: run the reference model once over the corpus and keep, per scored
+position, its top-K log-probs, their ids, the tail mass and the log-prob of the token that
+follows (``divergence.sparsify``), plus the exact token ids fed. The cache store
+(:mod:`pytest_kld.reference`) writes what this returns; this module knows nothing of storage.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from .errors import KldError
+
+# Text whose ids the cache records: a comparison model's tokenizer must give the same ids.
+TOKENIZER_PROBE = (
+    "The quick brown fox jumps over 13 lazy dogs; naïve café, straße. "
+    "def f(x): return {\"a\": [1, 2.5e-3]}  日本語のテキスト。 Привет, мир! مرحبا 🙂"
+)
+
+
+
+def id_dtype(vocab: int):
+    """The narrowest unsigned integer type that holds every id of a ``vocab``-sized vocabulary."""
+    return np.uint16 if vocab <= 1 << 16 else np.uint32
+
+
+
+def tokenizer_size(tok) -> int:
+    """Number of tokens of an mlx-lm TokenizerWrapper or HF tokenizer, added tokens included."""
+    inner = getattr(tok, "_tokenizer", tok)
+    return int(len(inner))
+
+
+def reference_pass(path, corpus_spec, *, top_k: int, chunk_tokens, exec_mode: str, progress=None,
+                   trust_remote_code: bool = False, name: str | None = None) -> tuple[dict, dict]:
+    """(arrays, manifest facts) of the reference at ``path`` over ``corpus_spec``."""
+    from .corpus import tokenize_corpus
+    from .forward import load_model, logits_width
+
+    name = name or str(path)
+    t0 = time.time()
+    lm = load_model(path, exec_mode, trust_remote_code=trust_remote_code)
+    tok = lm.tokenizer
+    corpus = tokenize_corpus(corpus_spec, tok)
+    chunks = [np.asarray(c, dtype=np.int32) for c in corpus.chunks]
+    ranges = [(int(s), int(e)) for s, e in corpus.score_ranges]
+    for i, (c, (s, e)) in enumerate(zip(chunks, ranges)):
+        if not (0 <= s <= e <= len(c) - 1):
+            raise KldError(f"corpus chunk {i}: scored range [{s}, {e}) does not fit its {len(c)} tokens")
+    vocab = logits_width(lm.model)
+    tok_len = tokenizer_size(tok)
+    if tok_len > vocab:
+        raise KldError(f"{name}: tokenizer has {tok_len} tokens but the model only {vocab} logits")
+    k = min(top_k, vocab)
+    records = _sparse_records(lm.model, chunks, ranges, k, vocab, chunk_tokens, progress, name)
+    probe = [int(x) for x in tok.encode(TOKENIZER_PROBE, add_special_tokens=False)]
+    exec_used = lm.exec
+    lm.release()
+    cat_names = sorted(set(corpus.categories))
+    arrays = {
+        "tokens": np.concatenate(chunks).astype(np.int32) if chunks else np.zeros(0, np.int32),
+        "chunk_offsets": np.concatenate([[0], np.cumsum([len(c) for c in chunks])]).astype(np.int64),
+        "score_ranges": np.array(ranges, dtype=np.int32).reshape(-1, 2),
+        "chunk_category": np.array([cat_names.index(c) for c in corpus.categories], dtype=np.int32),
+        **records,
+    }
+    n_pos = int(arrays["topk_ids"].shape[0])
+    return arrays, {
+        "settings": {"top_k": k, "chunk_tokens": chunk_tokens or 0, "exec": exec_used},
+        "corpus": {**corpus.identity, "mode": corpus_spec.mode},
+        "categories": cat_names,
+        "vocab_size": vocab,
+        "tokenizer_size": tok_len,
+        "tokenizer_probe": probe,
+        "positions": n_pos,
+        "bytes_per_position": int(sum(records[n].nbytes for n in records) // max(n_pos, 1)),
+        "build_seconds": round(time.time() - t0, 3),
+        "versions": _versions(),
+        "blas": _blas(),
+    }
+
+
+def _sparse_records(model, chunks, ranges, k: int, vocab: int, chunk_tokens, progress, name: str) -> dict:
+    """The top-K record of every scored position, piece by piece (one piece's log-probs in memory)."""
+    from .divergence import sparsify
+    from .forward import iter_corpus_logprobs
+
+    idt = id_dtype(vocab)
+    ids_l, lp_l, tail_l, tgt_l = [], [], [], []
+    for i, row, lp in iter_corpus_logprobs(model, chunks, ranges, chunk_tokens=chunk_tokens, vocab=vocab,
+                                           progress=progress):
+        first = ranges[i][0] + row  # the output position of this piece's first row
+        rows = sparsify(lp, chunks[i][first + 1 : first + 1 + len(lp)], k)
+        if not (np.all(np.isfinite(rows.logprobs)) and np.all(np.isfinite(rows.target))):
+            raise KldError(f"{name}: the reference produced NaN or inf log-probs in chunk {i}")
+        ids_l.append(rows.ids.astype(idt))
+        lp_l.append(rows.logprobs)
+        tail_l.append(rows.tail)
+        tgt_l.append(rows.target)
+    return {
+        "topk_ids": np.concatenate(ids_l) if ids_l else np.zeros((0, k), idt),
+        "topk_logprobs": np.concatenate(lp_l) if lp_l else np.zeros((0, k), np.float32),
+        "tail": np.concatenate(tail_l) if tail_l else np.zeros(0, np.float32),
+        "target": np.concatenate(tgt_l) if tgt_l else np.zeros(0, np.float32),
+    }
+
+
+def _versions() -> dict:
+    import mlx.core as mx
+    import mlx_lm
+
+    from . import __version__
+
+    return {"pytest_kld": __version__, "mlx": mx.__version__, "mlx_lm": mlx_lm.__version__}
+
+
+def _blas() -> str:
+    from .blas import prefer_system_blas
+
+    return prefer_system_blas()
