@@ -201,25 +201,32 @@ def header_line(rows: list[dict]) -> str:
     return "  ".join([DIRECTION, *(f"{k}: {v}" for k, v in header_fields(rows).items())])
 
 
-def category_lines(rows: list[dict]) -> list[str]:
-    """Mean KLD per corpus category, one line per model; the lowest per category (reference
-    excluded) marked with *."""
+def category_means(rows: list[dict]) -> tuple[list[str], list[tuple[dict, list[tuple[object, bool]]]]]:
+    """(categories, [(row, [(mean KLD, is best), ...]), ...]): the per-category table that the
+    terminal and the Markdown both show; best = lowest, the reference and broken rows excluded."""
     cats = sorted({c for r in rows for c in (r.get("categories") or {})})
-    if not cats:
-        return []
 
     def mean(r, c):
         return ((r.get("categories") or {}).get(c) or {}).get("mean")
 
-    best = {c: best_value([{"m": mean(r, c), "is_reference": r.get("is_reference")} for r in rows], "m", "low") for c in cats}
-    table = [["model", *cats]]
+    best = {c: best_value([{"m": mean(r, c), "is_reference": r.get("is_reference"), "nonfinite": nonfinite(r)}
+                           for r in rows], "m", "low") for c in cats}
+    table = []
     for r in rows:
-        cells = [str(r.get("model"))]
-        for c in cats:
-            v = mean(r, c)
-            mark = "*" if best[c] is not None and v == best[c] and not r.get("is_reference") else ""
-            cells.append(_fmt("{:.5f}", v) + mark)
-        table.append(cells)
+        clean = not r.get("is_reference") and not nonfinite(r)
+        table.append((r, [(mean(r, c), clean and best[c] is not None and mean(r, c) == best[c]) for c in cats]))
+    return cats, table
+
+
+def category_lines(rows: list[dict]) -> list[str]:
+    """Mean KLD per corpus category, one line per model; the lowest per category (reference
+    excluded) marked with *."""
+    cats, means = category_means(rows)
+    if not cats:
+        return []
+    table = [["model", *cats]]
+    for r, cells in means:
+        table.append([str(r.get("model"))] + [_fmt("{:.5f}", v) + ("*" if b else "") for v, b in cells])
     widths = [max(len(t[i]) for t in table) for i in range(len(table[0]))]
     out = ["", f"mean KLD by category: nats, {DIRECTION}; * lowest (reference excluded)"]
     for t in table:
@@ -333,3 +340,34 @@ def _wrap(text: str, room: int) -> list[str]:
         else:
             cur = cand
     return [*lines, cur]
+
+
+def row_passed(row: dict):
+    """True, False or None; also reads report.py's ``outcome`` ("passed"/"failed")."""
+    passed = row.get("passed")
+    if passed is None:
+        passed = {"passed": True, "failed": False}.get(row.get("outcome"))
+    return passed
+
+
+def row_summary(row: dict) -> dict:
+    return row.get("summary") or {}
+
+
+def row_mean(row: dict):
+    m = row_summary(row).get("mean")
+    return m if isinstance(m, (int, float)) and not math.isnan(m) else None
+
+
+def ordered_rows(rows) -> list[dict]:
+    """The reference first, then by mean KLD ascending (rows without a mean last)."""
+    rows = list(rows)
+    return sorted(
+        rows,
+        key=lambda r: (
+            not r.get("is_reference"),
+            nonfinite(r) > 0,
+            row_mean(r) is None,
+            row_mean(r) if row_mean(r) is not None else 0.0,
+        ),
+    )

@@ -143,14 +143,14 @@ def write_reports(s: dict, rows: list[dict]) -> None:
     if s.get("json"):
         write_json(s["json"], s, rows)
     if rows and (s.get("markdown") or s.get("chart")):
-        from . import export
+        from . import chart, markdown
         from .report import header_fields
 
         if s.get("markdown"):
             append = os.environ.get("GITHUB_STEP_SUMMARY") == s["markdown"]
-            export.write_markdown(rows, s["markdown"], header_fields(rows), append=append)
+            markdown.write_markdown(rows, s["markdown"], header_fields(rows), append=append)
         if s.get("chart"):
-            export.write_chart(rows, s["chart"])
+            chart.write_chart(rows, s["chart"])
 
 
 def write_json(path: str, s: dict, rows: list[dict]) -> None:

@@ -1,4 +1,4 @@
-"""export.py: the GitHub Markdown summary and the PNG chart."""
+"""markdown.py and chart.py: the GitHub Markdown summary and the PNG chart."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ import zlib
 
 import pytest
 
+from pytest_kld.chart import write_chart
 from pytest_kld.errors import KldError
-from pytest_kld.export import DIRECTION, markdown, ordered_rows, write_chart, write_markdown
+from pytest_kld.markdown import markdown, write_markdown
+from pytest_kld.report import DIRECTION, ordered_rows
 
 
 def _info(name, bpw, *, label="4-bit g64", elevated=None, overrides=0, hist=None, **kw):
@@ -137,11 +139,11 @@ def test_markdown_is_two_valid_tables(rows, tmp_path):
     path = write_markdown(rows, tmp_path / "summary.md", {"reference": "smol-ref", "K": 256})
     text = path.read_text(encoding="utf-8")
     assert text.startswith(f"## pytest-kld: {DIRECTION}")
-    assert "KL(reference ‖ quant)" in text
+    assert "KL(reference \\|\\| quant)" in text  # the one label, its pipes escaped for a table
     assert "- **reference**: smol-ref" in text and "- **K**: 256" in text
     board, quant = tables(text)
     assert len(board) == 1 + len(rows) and len(quant) == 1 + len(rows)
-    assert any("KL(reference ‖ quant)" in h for h in board[0])
+    assert any("KL(reference \\|\\| quant)" in h for h in board[0])
 
 
 def test_markdown_order_and_cells(rows):
@@ -328,10 +330,27 @@ def test_no_matplotlib_or_mlx_at_import():
     import subprocess
 
     code = (
-        "import sys, pytest_kld.export, pytest_kld.models; "
+        "import sys, pytest_kld.markdown, pytest_kld.chart, pytest_kld.models; "
         "heavy = ('matplotlib', 'mlx', 'mlx_lm', 'huggingface_hub'); "
         "bad = [m for m in heavy if m in sys.modules]; "
         "print(bad); sys.exit(1 if bad else 0)"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_markdown_has_the_per_category_table_the_terminal_shows():
+    rows = [
+        {"model": "ref", "is_reference": True, "summary": {"mean": 0.0}, "categories": {"code": {"mean": 0.0}, "prose": {"mean": 0.0}}},
+        {"model": "q8", "summary": {"mean": 0.01}, "categories": {"code": {"mean": 0.02}, "prose": {"mean": 0.005}}},
+        {"model": "q4", "summary": {"mean": 0.4}, "categories": {"code": {"mean": 0.01}, "prose": {"mean": 0.6}}},
+        {"model": "nan", "summary": {"mean": 0.0, "nonfinite": 3}, "nonfinite": 3,
+         "categories": {"code": {"mean": 0.0}, "prose": {"mean": 0.0}}},
+    ]
+    text = markdown(rows)
+    lines = text.splitlines()
+    i = next(n for n, ln in enumerate(lines) if "by corpus category" in ln)
+    table = {ln.split("|")[1].strip(): ln for ln in lines[i + 2 : i + 8] if ln.startswith("| ") and "---" not in ln}
+    assert "| model | code | prose |" in lines[i + 2]
+    assert "**0.01**" in table["q4"] and "**0.005**" in table["q8"]  # lowest per category
+    assert "**" not in table["nan"] and "**" not in table["ref"]  # broken and reference rows never best

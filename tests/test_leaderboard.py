@@ -12,9 +12,10 @@ import shutil
 import pytest
 from tiny import embed_head_8, routers_float_shared8_linear6
 
+from pytest_kld.chart import chart_figure
 from pytest_kld.compare import compare
-from pytest_kld.export import chart_figure, markdown
 from pytest_kld.fingerprint import weights_fingerprint
+from pytest_kld.markdown import markdown
 from pytest_kld.reference import Settings, ensure_reference, plan_reference
 from pytest_kld.report import (
     category_lines,
@@ -374,9 +375,9 @@ def test_category_table_aligned_with_best_marked():
 def test_markdown_on_real_rows(rows):
     text = markdown(rows)
     board = [ln for ln in text.splitlines() if ln.startswith("| ")][: 1 + len(rows)]
-    head = [c.strip() for c in board[0].strip("|").split("|")]
+    head = [c.strip() for c in re.split(r"(?<!\\)\|", board[0].strip("|"))]
     assert "mean/bit" in head
-    body = {c[1]: c for c in ([x.strip() for x in ln.strip("|").split("|")] for ln in board[1:])}
+    body = {c[1]: c for c in ([x.strip() for x in re.split(r"(?<!\\)\|", ln.strip("|"))] for ln in board[1:])}
     mpb = head.index("mean/bit")
     for r in rows:
         cells = body[r["model"].replace("_", "\\_")]
@@ -435,5 +436,5 @@ def test_chart_labels_do_not_overlap_points_or_each_other():
         for b, (x, y) in points.items():
             if b != a:
                 assert not (box.x0 - r < x < box.x1 + r and box.y0 - r < y < box.y1 + r), (a, "covers", b)
-    assert "KL(reference ‖ quant)" in ax.get_title() and "lower is better" in ax.get_ylabel()
+    assert "KL(reference || quant)" in ax.get_title() and "lower is better" in ax.get_ylabel()
     assert ax.get_yscale() == "log"

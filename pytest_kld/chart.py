@@ -1,0 +1,219 @@
+"""The leaderboard as a PNG chart: mean KLD (log scale) against effective bits per weight.
+matplotlib is imported only here, and only its object-oriented Agg canvas is used: no pyplot, no
+change to the process's matplotlib backend.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+from .errors import KldError
+from .report import DIRECTION, display_name, ordered_rows, row_mean, row_passed, row_summary
+
+
+def _color(row: dict) -> str:
+    if row_passed(row) is True:
+        return "#2ca02c"
+    if row_passed(row) is False:
+        return "#d62728"
+    return "#1f77b4"
+
+
+def write_chart(rows, path, *, title: str | None = None, dpi: int = 120) -> Path:
+    """Write :func:`chart_figure` as a PNG at ``path``."""
+    import io
+
+    from .files import write_bytes
+
+    path = Path(os.fspath(path))
+    fig = chart_figure(rows, title=title, dpi=dpi)
+    try:
+        if not path.parent.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+        png = io.BytesIO()
+        fig.savefig(png, format="png")
+        write_bytes(path, png.getvalue())
+    except OSError as e:
+        raise KldError(f"cannot write the KLD chart to {path}: {e.strerror or e}") from None
+    return path
+
+
+def chart_figure(rows, *, title: str | None = None, dpi: int = 120):
+    """A matplotlib Figure (Agg canvas, no pyplot) of mean KLD (log y) against effective bits
+    per weight, one labelled point per model.
+
+    Labels are placed so that they overlap neither each other nor the points. The reference is
+    not plotted (its KLD against itself is 0, off a log axis): a note names it, with its bits
+    per weight; other rows without a positive, finite mean or without bits per weight are listed
+    in the same note. Green: passed, red: failed, blue: no verdict.
+    """
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise KldError(
+            "writing the KLD chart needs matplotlib, which is not installed: "
+            "pip install 'pytest-kld[chart]'"
+        ) from None
+
+    fig = Figure(figsize=(8, 5), dpi=dpi)
+    canvas = FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    plotted, skipped, references = [], [], []
+    for row in ordered_rows(rows):
+        mean = row_mean(row)
+        bpw = (row.get("info") or {}).get("bits_per_weight")
+        if row.get("is_reference"):
+            references.append(row)
+        elif (
+            mean is None
+            or not math.isfinite(mean)
+            or mean <= 0
+            or not isinstance(bpw, (int, float))
+            or isinstance(bpw, bool)
+        ):
+            skipped.append(row)
+        else:
+            plotted.append((float(bpw), float(mean), row))
+    for bpw, mean, row in plotted:
+        ax.scatter(
+            [bpw], [mean], s=40, color=_color(row), zorder=3, edgecolors="black", linewidths=0.5
+        )
+    notes = []
+    for row in references:
+        bpw = (row.get("info") or {}).get("bits_per_weight")
+        at = f", {bpw:.2f} bits/w" if isinstance(bpw, (int, float)) else ""
+        notes.append(f"not plotted: the reference \"{row.get('model', '?')}\"{at} (KLD 0 against itself)")
+    if skipped:
+        names = ", ".join(str(r.get("model", "?")) for r in skipped)
+        notes.append(f"not plotted (mean KLD 0 or unknown, or bits/w unknown): {names}")
+    if notes:
+        ax.text(0.01, 0.01, "\n".join(notes), fontsize=7, color="dimgray", transform=ax.transAxes)
+    ax.set_xlabel("effective bits per weight (weights, scales, biases, float tensors)")
+    ax.set_ylabel("mean KLD, nats (log scale); lower is better")
+    sub = _chart_subtitle(rows)
+    ax.set_title(title or f"mean {DIRECTION} against bits per weight" + (f"\n{sub}" if sub else ""), fontsize=10)
+    if plotted:
+        ax.set_yscale("log")
+        seen = {(row_passed(r), _color(r)) for _, _, r in plotted}
+        names = {True: "passed", False: "failed", None: "no threshold"}
+        handles = [
+            ax.scatter([], [], s=40, color=c, edgecolors="black", linewidths=0.5, label=names[p])
+            for p, c in sorted(seen, key=lambda pc: str(pc[0]))
+        ]
+        ax.legend(handles=handles, loc="upper right", fontsize=8)  # what the colours mean
+        xs = [p[0] for p in plotted]
+        ys = [p[1] for p in plotted]
+        lo, hi = min(xs), max(xs)
+        pad = max(0.25, 0.08 * (hi - lo))
+        ax.set_xlim(lo - pad, hi + pad + 0.15 * (hi - lo + 1))
+        ylo, yhi = math.log10(min(ys)), math.log10(max(ys))
+        ypad = max(0.3, 0.12 * (yhi - ylo))
+        ax.set_ylim(10 ** (ylo - ypad - (0.15 * (yhi - ylo) if notes else 0)), 10 ** (yhi + ypad))
+        ax.grid(True, which="major", alpha=0.35)
+        ax.grid(True, which="minor", alpha=0.1)
+    else:
+        ax.text(
+            0.5,
+            0.5,
+            "no quantised results to plot",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+        )
+        ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    if plotted:
+        _place_labels(ax, canvas.get_renderer(), plotted)
+    return fig
+
+
+def _chart_subtitle(rows) -> str:
+    """Reference, mode, positions and K of the rows (the flat keys of report.result_row)."""
+
+    parts = []
+    refs = sorted({str(r.get("reference")) for r in rows if r.get("reference")})
+    if refs:
+        parts.append("reference: " + ", ".join(display_name(x) for x in refs))
+    modes = sorted({str(r.get("mode")) for r in rows if r.get("mode")})
+    if modes:
+        parts.append("mode " + ", ".join(modes))
+    counts = sorted({int(row_summary(r)["count"]) for r in rows if isinstance(row_summary(r).get("count"), (int, float))})
+    if counts:
+        parts.append(", ".join(map(str, counts)) + " positions")
+    ks = sorted({r.get("top_k") for r in rows if isinstance(r.get("top_k"), int)})
+    if ks:
+        parts.append("K " + ", ".join(map(str, ks)))
+    return " · ".join(parts)
+
+
+# Label offsets (points) tried in order: beside the marker first, then further out with a leader.
+_OFFSETS = [
+    (7, 3, "left"), (7, -11, "left"), (-7, 3, "right"), (-7, -11, "right"),
+    (0, 8, "center"), (0, -17, "center"),
+    (14, 14, "left"), (14, -24, "left"), (-14, 14, "right"), (-14, -24, "right"),
+    (0, 22, "center"), (0, -31, "center"), (24, 26, "left"), (-24, 26, "right"),
+    (24, -36, "left"), (-24, -36, "right"),
+]
+
+
+def _place_labels(ax, renderer, plotted) -> None:
+    """Label each point where its text overlaps no other label, no marker and stays inside the
+    axes; failing that, where it overlaps least. Far placements get a thin leader line."""
+    from matplotlib.transforms import Bbox
+
+    axes_box = ax.get_window_extent(renderer)
+    r = 6.0 * ax.figure.dpi / 72  # marker radius and a margin, in pixels
+    markers = []
+    for bpw, mean, _ in plotted:
+        x, y = ax.transData.transform((bpw, mean))
+        markers.append(Bbox.from_extents(x - r, y - r, x + r, y + r))
+    halos = [m.expanded(2.2, 2.2) for m in markers]
+    taken: list = []
+    legend = ax.get_legend()
+    if legend is not None:
+        taken.append(legend.get_window_extent(renderer))
+
+    def overlap(a, b) -> float:
+        w = min(a.x1, b.x1) - max(a.x0, b.x0)
+        h = min(a.y1, b.y1) - max(a.y0, b.y0)
+        return w * h if w > 0 and h > 0 else 0.0
+
+    # the most crowded points first, so they get the nearest places
+    def crowd(i):
+        x0, y0 = markers[i].x0, markers[i].y0
+        return -sum(1 for m in markers if abs(m.x0 - x0) < 80 and abs(m.y0 - y0) < 40)
+
+    for i in sorted(range(len(plotted)), key=crowd):
+        bpw, mean, row = plotted[i]
+        best = None
+        for dx, dy, ha in _OFFSETS:
+            far = abs(dx) > 10 or abs(dy) > 20
+            ann = ax.annotate(
+                str(row.get("model", "?")),
+                (bpw, mean),
+                textcoords="offset points",
+                xytext=(dx, dy),
+                ha=ha,
+                fontsize=8,
+                arrowprops={"arrowstyle": "-", "color": "gray", "lw": 0.5, "shrinkA": 0, "shrinkB": 4} if far else None,
+            )
+            box = ann.get_window_extent(renderer).expanded(1.04, 1.1)
+            outside = box.width * box.height - overlap(box, axes_box)
+            cost = outside * 4 + sum(overlap(box, o) for o in taken) + sum(
+                overlap(box, m) for j, m in enumerate(markers) if j != i
+            )
+            cost += 0.5 * sum(overlap(box, m) for j, m in enumerate(markers) if j == i)
+            # a label close to another point reads as that point's: keep a wider berth
+            cost += 0.3 * sum(overlap(box, m) for j, m in enumerate(halos) if j != i)
+            if best is None or cost < best[0]:
+                if best is not None:
+                    best[1].remove()
+                best = (cost, ann, box)
+            else:
+                ann.remove()
+            if cost == 0:
+                break
+        taken.append(best[2])
