@@ -193,8 +193,9 @@ def main() -> None:
     ap.add_argument("--save", default=None, help="save the per-position arrays (npz)")
     args = ap.parse_args()
     blas = prefer_system_blas()
-    from pytest_kld.corpus import corpus_spec, tokenize_corpus
+    from pytest_kld.corpus import corpus_spec
     from pytest_kld.forward import load_model, logits_width
+    from pytest_kld.tokens import tokenize_corpus
 
     root = Path(args.cache)
     lm = load_model(root / "reference", "float32")

@@ -35,8 +35,8 @@ def tokenizer_size(tok) -> int:
 def reference_pass(path, corpus_spec, *, top_k: int, chunk_tokens, exec_mode: str, progress=None,
                    trust_remote_code: bool = False, name: str | None = None) -> tuple[dict, dict]:
     """(arrays, manifest facts) of the reference at ``path`` over ``corpus_spec``."""
-    from .corpus import tokenize_corpus
     from .forward import load_model, logits_width
+    from .tokens import tokenize_corpus
 
     name = name or str(path)
     t0 = time.time()

@@ -14,8 +14,9 @@ import pytest
 from tiny import write_tokenizer
 
 from pytest_kld import corpus as C
-from pytest_kld.corpus import CorpusSpec, corpus_spec, tokenize_corpus
+from pytest_kld.corpus import CorpusSpec, corpus_spec
 from pytest_kld.errors import CorpusError
+from pytest_kld.tokens import tokenize_corpus
 
 # --------------------------------------------------------------------------------------------
 # tokenizers: the tiny byte-level one (one token per UTF-8 byte), and a variant that adds BOS
