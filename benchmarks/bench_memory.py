@@ -23,7 +23,8 @@ import json, resource, sys, time
 from pytest_kld.blas import prefer_system_blas
 prefer_system_blas()
 from pytest_kld.corpus import corpus_spec
-from pytest_kld.reference import Settings, ensure_reference
+from pytest_kld.cache import ensure_reference
+from pytest_kld.reference import Settings
 ref, text, n_ctx, ct, cache = sys.argv[1:6]
 spec = corpus_spec("file", dataset=text, n_ctx=int(n_ctx), score_offset=int(n_ctx) // 2)
 t = time.time()

@@ -48,11 +48,12 @@ def main() -> None:
     import numpy as np
     import smollm2
 
+    from pytest_kld.cache import ensure_reference
     from pytest_kld.compare import compare
     from pytest_kld.corpus import corpus_spec
     from pytest_kld.divergence import compare_rows, log_softmax, sparsify
     from pytest_kld.forward import load_model
-    from pytest_kld.reference import Settings, ensure_reference
+    from pytest_kld.reference import Settings
 
     ref = smollm2.ensure_reference(args.demo_dir)
     quants = smollm2.ensure_quants(["8bit-g64", "4bit-g64"], args.demo_dir)

@@ -54,7 +54,8 @@ def open_reference(
 ):
     """The reference cache for settings ``s``: an entry directory as given, else the cache of
     the reference model, built if needed. Says when an existing cache is reused."""
-    from .reference import ReferenceCache, Settings, ensure_reference
+    from .cache import ensure_reference
+    from .reference import ReferenceCache, Settings
 
     if is_cache_dir(s["reference"]):
         cache = ReferenceCache.load(Path(s["reference"]).expanduser())

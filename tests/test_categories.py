@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pytest
 
+from pytest_kld.cache import ensure_reference
 from pytest_kld.compare import compare
 from pytest_kld.corpus import corpus_spec
-from pytest_kld.reference import Settings, ensure_reference
+from pytest_kld.reference import Settings
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,12 @@ import json
 import numpy as np
 import pytest
 
+from pytest_kld.cache import ensure_reference
 from pytest_kld.compare import compare
 from pytest_kld.divergence import SparseRows, compare_rows, dense_kl, sparsify, tail_inner_kl
 from pytest_kld.errors import CacheError, TokenizerMismatch
 from pytest_kld.forward import chunk_logprobs, load_model
-from pytest_kld.reference import ReferenceCache, Settings, ensure_reference
+from pytest_kld.reference import ReferenceCache, Settings
 
 
 @pytest.fixture

@@ -9,9 +9,10 @@ import shutil
 
 import pytest
 
+from pytest_kld.cache import ensure_reference
 from pytest_kld.compare import compare
 from pytest_kld.errors import CorpusError, ModelError
-from pytest_kld.reference import Settings, ensure_reference
+from pytest_kld.reference import Settings
 
 S8 = Settings(top_k=8, chunk_tokens=16)
 

@@ -12,11 +12,12 @@ import shutil
 import pytest
 from tiny import embed_head_8, routers_float_shared8_linear6
 
+from pytest_kld.cache import ensure_reference, plan_reference
 from pytest_kld.chart import chart_figure
 from pytest_kld.compare import compare
 from pytest_kld.fingerprint import weights_fingerprint
 from pytest_kld.markdown import markdown
-from pytest_kld.reference import Settings, ensure_reference, plan_reference
+from pytest_kld.reference import Settings
 from pytest_kld.report import (
     category_lines,
     leaderboard_lines,

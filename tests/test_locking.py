@@ -14,8 +14,9 @@ import time
 import pytest
 
 import pytest_kld.locking as locking
+from pytest_kld.cache import ensure_reference, plan_reference
 from pytest_kld.errors import CacheError
-from pytest_kld.reference import Settings, ensure_reference, plan_reference
+from pytest_kld.reference import Settings
 
 S8 = Settings(top_k=8, chunk_tokens=16)
 
@@ -81,7 +82,7 @@ def test_a_live_builder_is_waited_for_beyond_the_timeout(tiny_model, prose_spec,
 
 
 def test_a_failed_first_build_leaves_no_directory(tiny_model, prose_spec, tmp_path, monkeypatch):
-    import pytest_kld.reference as reference
+    import pytest_kld.cache as reference
 
     def boom(plan, **kw):
         raise CacheError("simulated failure")

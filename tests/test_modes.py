@@ -3,9 +3,10 @@ comparison time (issue 5)."""
 
 from __future__ import annotations
 
+from pytest_kld.cache import ensure_reference
 from pytest_kld.compare import compare
 from pytest_kld.corpus import corpus_spec
-from pytest_kld.reference import Settings, ensure_reference
+from pytest_kld.reference import Settings
 
 
 def test_modes_share_one_reference_directory(tiny_model, prose_file, tmp_path):

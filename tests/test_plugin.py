@@ -76,7 +76,7 @@ def count_builds_conftest(path) -> str:
     """A conftest.py that appends one line per reference build (any process) to ``path``."""
     return f"""
 import os
-import pytest_kld.reference as reference
+import pytest_kld.cache as reference
 
 _build = reference._build
 

@@ -26,19 +26,12 @@ import numpy as np
 import pytest
 from conftest import PROSE
 
+from pytest_kld.cache import ensure_reference, entry_path, plan_reference
 from pytest_kld.compare import compare
 from pytest_kld.corpus import corpus_spec
 from pytest_kld.errors import CacheError, KldError, ModelError, ThresholdError, TokenizerMismatch
 from pytest_kld.fingerprint import sha256_file, sha256_json
-from pytest_kld.reference import (
-    ARRAYS,
-    MANIFEST,
-    ReferenceCache,
-    Settings,
-    ensure_reference,
-    entry_path,
-    plan_reference,
-)
+from pytest_kld.reference import ARRAYS, MANIFEST, ReferenceCache, Settings
 
 PKG = Path(__file__).resolve().parents[1] / "pytest_kld"
 S8 = Settings(top_k=8, chunk_tokens=16)
@@ -50,6 +43,7 @@ import hashlib, json, os, sys, time
 from pathlib import Path
 
 import numpy as np
+import pytest_kld.cache as C
 import pytest_kld.reference as R
 
 NAMES = %(names)r
@@ -71,14 +65,14 @@ def tree(root):
 
 def count_builds(log):
     """Append this process's id to ``log`` each time it starts a build."""
-    orig = R._build
+    orig = C._build
 
     def counted(plan, **kw):
         with open(log, "a") as f:
             f.write(f"{os.getpid()}\n")
         return orig(plan, **kw)
 
-    R._build = counted
+    C._build = counted
 
 
 def barrier(ready, go, timeout=150):
@@ -114,7 +108,7 @@ def main():
     if cfg["job"] == "concurrent":
         count_builds(cfg["log"])
         barrier(cfg["ready"], cfg["go"])
-        cache = R.ensure_reference(cfg["model"], spec, settings, cache_dir=cfg["cache"])
+        cache = C.ensure_reference(cfg["model"], spec, settings, cache_dir=cfg["cache"])
         report(cache, cfg["out"], "python")
     elif cfg["job"] == "kill":
         write, fsync, rename = R._write_entry, R._fsync, os.rename
@@ -135,7 +129,7 @@ def main():
 
         R._write_entry, R._fsync, os.rename = slow_write, slow_fsync, slow_rename
         say("start")
-        R.ensure_reference(cfg["model"], spec, settings, cache_dir=cfg["cache"], rebuild=cfg["rebuild"])
+        C.ensure_reference(cfg["model"], spec, settings, cache_dir=cfg["cache"], rebuild=cfg["rebuild"])
         say("done")
         time.sleep(60)  # wait for the kill
     elif cfg["job"] == "fs":
@@ -147,7 +141,7 @@ def main():
             builds = []
             t = time.time()
             try:
-                cache = R.ensure_reference(cfg["model"], spec, settings, cache_dir=cache_dir,
+                cache = C.ensure_reference(cfg["model"], spec, settings, cache_dir=cache_dir,
                                            on_build=builds.append, **kw)
                 out = {"ok": True, "digest": digest(cache)}
             except Exception as e:
