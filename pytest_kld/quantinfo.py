@@ -177,66 +177,79 @@ def _prod(shape) -> int:
 def model_info(path: Path) -> ModelInfo:
     """Describe the model at ``path`` from its config.json and safetensors headers only."""
     path = Path(path)
+    config = _read_config(path)
+    tensors, weight_bytes = _read_tensors(path)
+    qconf = config.get("quantization") if isinstance(config.get("quantization"), dict) else {}
+    top = {k: qconf.get(k) if isinstance(qconf.get(k), t) else None
+           for k, t in (("bits", int), ("group_size", int), ("mode", str))}
+    matrices, owned, q_params, q_bytes = _quantized_matrices(path, tensors, qconf, top)
+    float_elems, float_mats, float_params = _stored_as_is(tensors, owned)
+    params = sum(m.params for m in matrices) + float_params + _bias_params(tensors, matrices)
+    tensor_bytes = sum(_nbytes(t) for t in tensors.values())
+    quantized = bool(matrices)
+    base_bits, base_gs, mode, overrides, elevated = _base_and_overrides(matrices, float_mats)
+    by_role: dict[str, dict[str, int]] = {}
+    for m in matrices + float_mats:
+        h = by_role.setdefault(m.role, {})
+        h[str(m.bits)] = h.get(str(m.bits), 0) + 1
+    dtype = _DTYPES[max(float_elems, key=float_elems.get)][0] if float_elems else None
+    family, basis, recipe = _quant_family(config, qconf, matrices, float_mats, quantized)
+    return ModelInfo(
+        path=str(path), name=display_name(path),
+        label=_label(dtype, quantized, recipe, mode, base_bits, base_gs, bool(overrides)),
+        model_type=config.get("model_type"), dtype=dtype, weight_bytes=weight_bytes,
+        tensor_bytes=tensor_bytes, params=params, bits_per_weight=tensor_bytes * 8 / params if params else 0.0,
+        quantized=quantized, mode=mode, base_bits=base_bits, group_size=base_gs,
+        config_bits=top["bits"], config_group_size=top["group_size"], quantized_params=q_params,
+        quantized_bits_per_weight=(q_bytes * 8 / q_params) if q_params else None,
+        n_quantized=len(matrices), n_float_matrices=len(float_mats) if quantized else 0,
+        overrides=len(overrides), override_bits=_hist(m.bits for m in overrides),
+        elevated=_ordered(elevated), by_role=_ordered(by_role),
+        family=family, family_basis=basis, recipe=recipe,
+    )
+
+
+def _read_config(path: Path) -> dict:
     cfg_file = path / "config.json"
     try:
-        config = json.loads(cfg_file.read_text(encoding="utf-8"))
+        return json.loads(cfg_file.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ModelError(f"{path} is not a model directory (no config.json)") from None
     except ValueError as e:
         raise ModelError(f"{cfg_file} is not valid JSON ({e}); re-download or re-convert") from None
-    files = weight_files(path)
+
+
+def _read_tensors(path: Path) -> tuple[dict[str, dict], int]:
+    """Every tensor's header entry across the weight files, and the files' total bytes."""
     tensors: dict[str, dict] = {}
     weight_bytes = 0
-    for f in files:
+    for f in weight_files(path):
         weight_bytes += f.stat().st_size
-        for k, v in read_safetensors_header(f).items():
-            if k != "__metadata__":
-                tensors[k] = v
+        tensors.update((k, v) for k, v in read_safetensors_header(f).items() if k != "__metadata__")
+    return tensors, weight_bytes
 
-    qconf = config.get("quantization")
-    if not isinstance(qconf, dict):
-        qconf = {}
-    top_bits = qconf.get("bits") if isinstance(qconf.get("bits"), int) else None
-    top_gs = qconf.get("group_size") if isinstance(qconf.get("group_size"), int) else None
-    top_mode = qconf.get("mode") if isinstance(qconf.get("mode"), str) else None
 
-    def nbytes(t: dict) -> int:
-        off = t.get("data_offsets") or [0, 0]
-        return int(off[1]) - int(off[0])
+def _nbytes(t: dict) -> int:
+    off = t.get("data_offsets") or [0, 0]
+    return int(off[1]) - int(off[0])
 
-    tensor_bytes = sum(nbytes(t) for t in tensors.values())
 
-    # quantised modules: P.weight together with P.scales
-    quant_modules = sorted(
-        k[: -len(".weight")]
-        for k in tensors
-        if k.endswith(".weight") and k[: -len(".weight")] + ".scales" in tensors
-    )
-    aux = set()
+def _quantized_matrices(path: Path, tensors: dict, qconf: dict, top: dict):
+    """The quantised modules (``P.weight`` with ``P.scales``): their TensorQuant, the tensor
+    names they own (weight, scales, biases, bias...), their parameters and bytes."""
     matrices: list[TensorQuant] = []
-    params = 0
-    q_params = 0
-    q_bytes = 0
-    for mod in quant_modules:
-        w = tensors[mod + ".weight"]
-        s = tensors[mod + ".scales"]
-        entry = qconf.get(mod)
-        entry = entry if isinstance(entry, dict) else {}
-        bits = entry.get("bits", top_bits)
-        mode = entry.get("mode", top_mode)
-        gs = entry.get("group_size", top_gs)
+    owned_all: set[str] = set()
+    q_params = q_bytes = 0
+    for mod in sorted(k[: -len(".weight")] for k in tensors
+                      if k.endswith(".weight") and k[: -len(".weight")] + ".scales" in tensors):
+        w, s = tensors[mod + ".weight"], tensors[mod + ".scales"]
+        entry = qconf.get(mod) if isinstance(qconf.get(mod), dict) else {}
+        bits, mode, gs = entry.get("bits", top["bits"]), entry.get("mode", top["mode"]), entry.get("group_size", top["group_size"])
         if mode is None:
-            if mod + ".biases" in tensors:
-                mode = "affine"
-            elif gs == 16:
-                mode = "nvfp4"
-            else:
-                mode = "mxfp8" if bits == 8 else "mxfp4"
+            mode = "affine" if mod + ".biases" in tensors else "nvfp4" if gs == 16 else "mxfp8" if bits == 8 else "mxfp4"
         dgs, dbits = _MODE_DEFAULTS.get(mode, (64, 4))
-        bits = bits or dbits
-        gs = gs or dgs
-        packed = w["shape"][-1]
-        n_in, rem = divmod(packed * 32, bits)
+        bits, gs = bits or dbits, gs or dgs
+        n_in, rem = divmod(w["shape"][-1] * 32, bits)
         if rem or w.get("dtype") != "U32" or n_in != s["shape"][-1] * gs:
             raise ModelError(
                 f"{path.name}: config.json quantization ({bits} bits, group {gs}, {mode}) does "
@@ -244,113 +257,77 @@ def model_info(path: Path) -> ModelInfo:
                 f"{s['shape']}); the config and weights are from different conversions"
             )
         n = _prod(w["shape"][:-1]) * n_in
-        owned = [mod + sfx for sfx in (".weight", ".scales", ".biases", ".global_scale")]
-        owned = [k for k in owned if k in tensors]
-        aux.update(owned)
-        q_bytes += sum(nbytes(tensors[k]) for k in owned)
+        owned = [k for k in (mod + sfx for sfx in (".weight", ".scales", ".biases", ".global_scale", ".bias")) if k in tensors]
+        owned_all.update(owned)
+        q_bytes += sum(_nbytes(tensors[k]) for k in owned)
         bias = tensors.get(mod + ".bias")
-        q_params += n
-        params += n
-        if bias is not None:
-            aux.add(mod + ".bias")
-            params += _prod(bias["shape"])
-            q_bytes += nbytes(bias)
-            q_params += _prod(bias["shape"])
+        q_params += n + (_prod(bias["shape"]) if bias is not None else 0)
         matrices.append(TensorQuant(mod, tensor_role(mod), int(bits), int(gs), mode, n))
+    return matrices, owned_all, q_params, q_bytes
 
-    # everything else is stored as is
+
+def _bias_params(tensors: dict, matrices: list[TensorQuant]) -> int:
+    """Parameters of the float biases of quantised modules."""
+    return sum(_prod(tensors[m.module + ".bias"]["shape"]) for m in matrices if m.module + ".bias" in tensors)
+
+
+def _stored_as_is(tensors: dict, owned: set[str]):
+    """Tensors stored as they are: elements per float dtype, the float weight matrices (those a
+    quantiser could have quantised), and their parameters."""
     float_elems: dict[str, int] = {}
     float_mats: list[TensorQuant] = []
+    params = 0
     for k, t in tensors.items():
-        if k in aux:
+        if k in owned:
             continue
         n = _prod(t["shape"])
         params += n
         dt = t.get("dtype", "")
-        if dt in _FLOAT_DTYPES:
-            float_elems[dt] = float_elems.get(dt, 0) + n
-            mod = k[: -len(".weight")] if k.endswith(".weight") else None
-            shape = t["shape"]
-            if (
-                mod is not None
-                and len(shape) >= 2
-                and shape[-1] % 32 == 0
-                and shape[-1] > 1
-                and not any(x in k.lower() for x in ("conv", "norm"))
-            ):
-                float_mats.append(
-                    TensorQuant(mod, tensor_role(mod), _DTYPES[dt][1], None, "float", n)
-                )
-    dtype = _DTYPES[max(float_elems, key=float_elems.get)][0] if float_elems else None
-    quantized = bool(matrices)
-    bpw = tensor_bytes * 8 / params if params else 0.0
+        if dt not in _FLOAT_DTYPES:
+            continue
+        float_elems[dt] = float_elems.get(dt, 0) + n
+        mod, shape = (k[: -len(".weight")] if k.endswith(".weight") else None), t["shape"]
+        if (mod is not None and len(shape) >= 2 and shape[-1] % 32 == 0 and shape[-1] > 1
+                and not any(x in k.lower() for x in ("conv", "norm"))):
+            float_mats.append(TensorQuant(mod, tensor_role(mod), _DTYPES[dt][1], None, "float", n))
+    return float_elems, float_mats, params
 
-    base_bits = base_gs = None
-    mode = "none"
-    overrides: list[TensorQuant] = []
+
+def _base_and_overrides(matrices: list[TensorQuant], float_mats: list[TensorQuant]):
+    """(base bits, base group, mode, overrides, elevated-by-role): the base is the (bits, group,
+    mode) holding the most parameters (fewer bits on a tie); everything else overrides it."""
+    if not matrices:
+        return None, None, "none", [], {}
+    weight: dict[tuple, int] = {}
+    for m in matrices:
+        key = (m.bits, m.group_size, m.mode)
+        weight[key] = weight.get(key, 0) + m.params
+    base = max(weight, key=lambda k: (weight[k], -k[0]))
+    base_bits, base_gs, mode = base
+    overrides = [m for m in matrices if (m.bits, m.group_size, m.mode) != base] + float_mats
     elevated: dict[str, dict[str, int]] = {}
-    if quantized:
-        weight: dict[tuple, int] = {}
-        for m in matrices:
-            key = (m.bits, m.group_size, m.mode)
-            weight[key] = weight.get(key, 0) + m.params
-        base = max(weight, key=lambda k: (weight[k], -k[0]))
-        base_bits, base_gs, mode = base
-        overrides = [m for m in matrices if (m.bits, m.group_size, m.mode) != base] + float_mats
-        for m in overrides:
-            if m.bits > base_bits:
-                h = elevated.setdefault(m.role, {})
-                h[str(m.bits)] = h.get(str(m.bits), 0) + 1
-        if len({m.mode for m in matrices}) > 1:
-            mode = "mixed"
-    by_role: dict[str, dict[str, int]] = {}
-    for m in matrices + float_mats:
-        h = by_role.setdefault(m.role, {})
-        h[str(m.bits)] = h.get(str(m.bits), 0) + 1
+    for m in overrides:
+        if m.bits > base_bits:
+            h = elevated.setdefault(m.role, {})
+            h[str(m.bits)] = h.get(str(m.bits), 0) + 1
+    if len({m.mode for m in matrices}) > 1:
+        mode = "mixed"
+    return base_bits, base_gs, mode, overrides, elevated
 
-    def ordered(d: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
-        return {r: dict(sorted(d[r].items(), key=lambda kv: int(kv[0]))) for r in ROLES if r in d}
 
-    family, basis, recipe = _quant_family(config, qconf, matrices, float_mats, quantized)
-    name = display_name(path)
+def _ordered(d: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+    return {r: dict(sorted(d[r].items(), key=lambda kv: int(kv[0]))) for r in ROLES if r in d}
+
+
+def _label(dtype, quantized: bool, recipe, mode: str, base_bits, base_gs, has_overrides: bool) -> str:
     if not quantized:
-        label = dtype or "float"
-    elif recipe:
-        label = f"{recipe} g{base_gs}"
-    elif mode in ("mxfp4", "nvfp4", "mxfp8") and not overrides:
-        label = mode
-    else:
-        label = f"{base_bits}-bit g{base_gs}" + (" mixed" if overrides else "")
-        if mode not in ("affine", "mixed"):
-            label = f"{mode} " + label
-    return ModelInfo(
-        path=str(path),
-        name=name,
-        label=label,
-        model_type=config.get("model_type"),
-        dtype=dtype,
-        weight_bytes=weight_bytes,
-        tensor_bytes=tensor_bytes,
-        params=params,
-        bits_per_weight=bpw,
-        quantized=quantized,
-        mode=mode,
-        base_bits=base_bits,
-        group_size=base_gs,
-        config_bits=top_bits,
-        config_group_size=top_gs,
-        quantized_params=q_params,
-        quantized_bits_per_weight=(q_bytes * 8 / q_params) if q_params else None,
-        n_quantized=len(matrices),
-        n_float_matrices=len(float_mats) if quantized else 0,
-        overrides=len(overrides),
-        override_bits=_hist(m.bits for m in overrides),
-        elevated=ordered(elevated),
-        by_role=ordered(by_role),
-        family=family,
-        family_basis=basis,
-        recipe=recipe,
-    )
+        return dtype or "float"
+    if recipe:
+        return f"{recipe} g{base_gs}"
+    if mode in ("mxfp4", "nvfp4", "mxfp8") and not has_overrides:
+        return mode
+    label = f"{base_bits}-bit g{base_gs}" + (" mixed" if has_overrides else "")
+    return label if mode in ("affine", "mixed") else f"{mode} {label}"
 
 
 _RECIPES = {(2, 6): "mixed_2_6", (3, 4): "mixed_3_4", (3, 6): "mixed_3_6", (4, 6): "mixed_4_6"}
