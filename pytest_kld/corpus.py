@@ -194,73 +194,10 @@ def corpus_spec(
     elif mode == "long":
         n_chunks = DEFAULT_N_CHUNKS_LONG
 
-    if dataset is not None:
-        path = Path(dataset).expanduser()
-        if path.is_dir():
-            raise CorpusError(
-                f"{path}: the dataset is a directory; --kld-dataset takes one file (.txt, .jsonl or .parquet)"
-            )
-        fmt = _FILE_FORMATS.get(path.suffix.lower())
-        if fmt is None:
-            raise CorpusError(
-                f"{path}: unknown dataset type {path.suffix or '(no suffix)'!r}; "
-                "use a .txt (or .raw), .jsonl or .parquet file"
-            )
-        if not path.is_file():
-            raise CorpusError(f"{path}: dataset file not found; check the --kld-dataset path")
-        if fmt == "parquet":
-            _require_pyarrow(path)
-        if mode == "long":
-            if fmt == "jsonl":
-                raise CorpusError(
-                    f"{path}: long mode reads one document (.txt or WikiText .parquet); "
-                    "use --kld-mode short (file) for a .jsonl of records"
-                )
-            kind = "document"
-            fmt = "wikitext-parquet" if fmt == "parquet" else fmt
-        else:
-            kind = "document" if fmt == "txt" else "records"
-        source = str(path)
-        path = path.resolve()
-    elif mode == "short":
-        path, fmt, kind, source = _bundled_prompts(), "jsonl", "records", "bundled prompts.jsonl"
-        if not path.is_file():
-            raise CorpusError(
-                f"{path}: the bundled prompt set is missing; reinstall pytest-kld "
-                "(its package data was not installed)"
-            )
-    else:  # long, from the hub
-        _require_pyarrow(f"{WIKITEXT_REPO}:{WIKITEXT_FILE}")
-        path = _resolve_wikitext(cache_dir, local_files_only)
-        fmt, kind, source = "wikitext-parquet", "document", f"{WIKITEXT_REPO}:{WIKITEXT_FILE}"
-
+    path, fmt, kind, source = _locate_source(mode, dataset, cache_dir, local_files_only)
+    score_offset = _score_offset(mode, kind, n_ctx, score_offset)
     if kind == "document":
-        if score_offset is None and n_ctx < 3:
-            raise CorpusError(
-                f"--kld-n-ctx={n_ctx} leaves no position to score in {mode} mode (the second half of each "
-                "chunk is scored): use at least 3"
-            )
-        first = n_ctx // 2 if score_offset is None else score_offset
-        score_offset = _positive_int("score_offset", first, 0)
-        if score_offset > n_ctx - 2:
-            raise CorpusError(
-                f"score_offset {score_offset} leaves nothing to score in chunks of "
-                f"n_ctx={n_ctx} tokens: it must be at most n_ctx - 2"
-            )
         chat_template = False
-    else:
-        if score_offset is None and n_ctx < DEFAULT_SCORE_OFFSET + 2:
-            raise CorpusError(
-                f"--kld-n-ctx={n_ctx} leaves no position to score in {mode} mode (the first "
-                f"{DEFAULT_SCORE_OFFSET} tokens of each record are context): use at least {DEFAULT_SCORE_OFFSET + 2}"
-            )
-        off = DEFAULT_SCORE_OFFSET if score_offset is None else score_offset
-        score_offset = _positive_int("score_offset", off, 0)
-        if score_offset > n_ctx - 2:
-            raise CorpusError(
-                f"score_offset {score_offset} leaves nothing to score with n_ctx={n_ctx}: "
-                "it must be at most n_ctx - 2"
-            )
     if category is None:
         category = {"short": "prompt", "long": "wikitext", "file": "file"}[mode]
     elif not isinstance(category, str) or not category.strip():
@@ -279,6 +216,69 @@ def corpus_spec(
         chat_template=chat_template,
         default_category=category,
     )
+
+
+def _locate_source(mode: str, dataset, cache_dir, local_files_only) -> tuple[Path, str, str, str]:
+    """(path, format, kind, source text) of the corpus: a user file, the bundled prompts, or
+    WikiText-2 from the hub cache (downloaded if allowed)."""
+    if dataset is not None:
+        return _dataset_source(mode, Path(dataset).expanduser())
+    if mode == "short":
+        path = _bundled_prompts()
+        if not path.is_file():
+            raise CorpusError(
+                f"{path}: the bundled prompt set is missing; reinstall pytest-kld "
+                "(its package data was not installed)"
+            )
+        return path, "jsonl", "records", "bundled prompts.jsonl"
+    _require_pyarrow(f"{WIKITEXT_REPO}:{WIKITEXT_FILE}")
+    path = _resolve_wikitext(cache_dir, local_files_only)
+    return path, "wikitext-parquet", "document", f"{WIKITEXT_REPO}:{WIKITEXT_FILE}"
+
+
+def _dataset_source(mode: str, path: Path) -> tuple[Path, str, str, str]:
+    if path.is_dir():
+        raise CorpusError(
+            f"{path}: the dataset is a directory; --kld-dataset takes one file (.txt, .jsonl or .parquet)"
+        )
+    fmt = _FILE_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise CorpusError(
+            f"{path}: unknown dataset type {path.suffix or '(no suffix)'!r}; "
+            "use a .txt (or .raw), .jsonl or .parquet file"
+        )
+    if not path.is_file():
+        raise CorpusError(f"{path}: dataset file not found; check the --kld-dataset path")
+    if fmt == "parquet":
+        _require_pyarrow(path)
+    if mode == "long":
+        if fmt == "jsonl":
+            raise CorpusError(
+                f"{path}: long mode reads one document (.txt or WikiText .parquet); "
+                "use --kld-mode short (file) for a .jsonl of records"
+            )
+        return path.resolve(), "wikitext-parquet" if fmt == "parquet" else fmt, "document", str(path)
+    return path.resolve(), fmt, "document" if fmt == "txt" else "records", str(path)
+
+
+def _score_offset(mode: str, kind: str, n_ctx: int, score_offset) -> int:
+    """The first scored output position: records score after DEFAULT_SCORE_OFFSET tokens of
+    context, documents their second half (llama.cpp's convention)."""
+    smallest = 3 if kind == "document" else DEFAULT_SCORE_OFFSET + 2
+    if score_offset is None and n_ctx < smallest:
+        context = ("the second half of each chunk is scored" if kind == "document"
+                   else f"the first {DEFAULT_SCORE_OFFSET} tokens of each record are context")
+        raise CorpusError(
+            f"--kld-n-ctx={n_ctx} leaves no position to score in {mode} mode ({context}): use at least {smallest}"
+        )
+    if score_offset is None:
+        score_offset = n_ctx // 2 if kind == "document" else DEFAULT_SCORE_OFFSET
+    score_offset = _positive_int("score_offset", score_offset, 0)
+    if score_offset > n_ctx - 2:
+        raise CorpusError(
+            f"score_offset {score_offset} leaves nothing to score with n_ctx={n_ctx}: it must be at most n_ctx - 2"
+        )
+    return score_offset
 
 
 # --------------------------------------------------------------------------------------------
