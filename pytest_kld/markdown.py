@@ -132,6 +132,15 @@ def markdown(rows, header: dict | None = None) -> str:
     if header:
         out.append("")
 
+    out += _leaderboard(rows)
+    out += _category_table(rows)
+    out += _quant_table(rows)
+    return "\n".join(out) + "\n"
+
+
+def _leaderboard(rows) -> list[str]:
+    """The main table: one row per model, the best of each column in bold, then its legend."""
+    out: list[str] = []
     headings = [
         "#",
         "model",
@@ -199,7 +208,12 @@ def markdown(rows, header: dict | None = None) -> str:
     )
     out.append("")
 
-    out += _category_table(rows)
+    return out
+
+
+def _quant_table(rows) -> list[str]:
+    """What each model is: family, mode, base bits and group, overrides, elevated tensors."""
+    out: list[str] = []
     out.append("### Quantisation (read from config.json and the safetensors headers)")
     out.append("")
     headings = [
@@ -237,7 +251,7 @@ def markdown(rows, header: dict | None = None) -> str:
         )
     out += _table(headings, body, right={3, 4, 5})
     out.append("")
-    return "\n".join(out) + "\n"
+    return out
 
 
 def _category_table(rows) -> list[str]:
