@@ -48,27 +48,6 @@ class KldResult:
     def direction(self) -> str:
         return "KL(reference || quant)"
 
-    def to_dict(self, *, arrays: bool = False) -> dict:
-        d = {
-            "model": self.model,
-            "path": self.path,
-            "direction": self.direction,
-            "exec": self.exec,
-            "reference": self.reference,
-            "settings": self.settings,
-            "summary": self.summary,
-            "categories": self.categories,
-            "info": self.info,
-            "fingerprint": self.fingerprint,
-            "is_reference": self.is_reference,
-            "seconds": round(self.seconds, 3),
-            "max_at": self.max_at,
-        }
-        if arrays:
-            d["kl"] = [float(x) for x in self.kl]
-            d["top1"] = [bool(x) for x in self.top1]
-        return d
-
 
 def check_tokenizer(cache: ReferenceCache, tokenizer, model: str) -> None:
     """Refuse a comparison model whose tokenizer is not the reference's."""
@@ -95,36 +74,65 @@ def compare(
     revision: str | None = None,
     trust_remote_code: bool = False,
     progress: Callable[[int, int], None] | None = None,
-    with_info: bool = True,
     full_hash: bool | None = None,
 ) -> KldResult:
-    """Run ``model`` over the cache's token ids (verbatim) and measure KL(reference ‖ model).
+    """Run ``model`` over the cache's token ids (verbatim) and measure KL(reference || model).
 
     ``exec`` defaults to the exec the reference was built with, and ``chunk_tokens`` to its
     chunking, so self-comparison reproduces the reference's numbers exactly. ``full_hash``
     fingerprints the model's weights by their full contents (True) or a sample of them (False);
     by default the same kind as the cache's reference, so the reference is recognised as itself.
+    ``progress(done, total)`` hears the tokens run.
     """
     from .blas import prefer_system_blas
-    from .divergence import compare_rows
-    from .fingerprint import tokenizer_fingerprint, weights_fingerprint
-    from .forward import iter_corpus_logprobs, load_model, logits_width
     from .hub import resolve_model
     from .stats import summarize, summarize_groups
 
     t0 = time.time()
     name = str(model) if name is None else name
     path = resolve_model(model, revision=revision)
+    fp, is_reference = _identify(cache, path, full_hash)
+    settings = cache.manifest["settings"]
+    ct = settings["chunk_tokens"] if chunk_tokens is None else chunk_tokens
+    parts, exec_used = _run(cache, path, name, exec or settings["exec"], ct, trust_remote_code, progress)
+
+    def cat(attr):
+        return np.concatenate([getattr(p, attr) for p in parts]) if parts else np.zeros(0)
+
+    kl, top1 = cat("kl"), cat("top1").astype(bool)
+    ref_t, q_t = cat("ref_target"), cat("quant_target")
+    per_pos_cat = np.repeat(cache.chunk_category, np.diff(cache.row_offsets)).astype(np.int32)
+    summary = summarize(kl, top1, ref_t, q_t)
+    categories = summarize_groups(per_pos_cat, cache.categories, kl=kl, top1=top1, ref_target=ref_t, quant_target=q_t)
+    return KldResult(
+        model=name, path=str(path), exec=exec_used, reference=dict(cache.manifest["reference"]),
+        settings={**settings, "corpus": cache.manifest.get("corpus", {}), "blas": prefer_system_blas(),
+                  "estimator": ESTIMATOR},
+        summary=summary, categories=categories, info=_info(path), fingerprint=fp, is_reference=is_reference,
+        seconds=time.time() - t0, kl=kl, top1=top1, ref_target=ref_t, quant_target=q_t, chunk_category=per_pos_cat,
+        max_at=cache.position_of(summary["argmax"]) if summary.get("argmax") is not None else None,
+    )
+
+
+def _identify(cache: ReferenceCache, path, full_hash: bool | None) -> tuple[str, bool]:
+    """(the model's fingerprint, whether it is the cache's reference): the reference is
+    recognised by a fingerprint of its own kind."""
+    from .fingerprint import tokenizer_fingerprint, weights_fingerprint
+
     ref_fp = cache.manifest["reference"]["fingerprint"]
     ref_full = str(ref_fp).startswith("sha256-full:")
     full_hash = ref_full if full_hash is None else bool(full_hash)
     fp = weights_fingerprint(path, full=full_hash)
-    # the reference is recognised by a fingerprint of its own kind
     same_kind_fp = fp if full_hash == ref_full else weights_fingerprint(path, full=ref_full)
     tokenizer_fingerprint(path)  # no tokenizer files: the same one line as for the reference
-    settings = cache.manifest["settings"]
-    exec_mode = exec or settings["exec"]
-    ct = settings["chunk_tokens"] if chunk_tokens is None else chunk_tokens
+    return fp, same_kind_fp == ref_fp
+
+
+def _run(cache: ReferenceCache, path, name: str, exec_mode: str, chunk_tokens, trust_remote_code: bool, progress):
+    """The model's per-position figures against the cache (one model in memory) and its exec."""
+    from .divergence import compare_rows
+    from .forward import iter_corpus_logprobs, load_model, logits_width
+
     lm = load_model(path, exec_mode, trust_remote_code=trust_remote_code)
     try:
         check_tokenizer(cache, lm.tokenizer, name)
@@ -137,50 +145,21 @@ def compare(
             )
         chunks = [cache.chunk(i) for i in range(cache.n_chunks)]
         ranges = [tuple(int(v) for v in r) for r in cache.score_ranges]
-        parts = []
-        for i, row, lq in iter_corpus_logprobs(
-            lm.model, chunks, ranges, chunk_tokens=ct, vocab=vocab, progress=progress
-        ):
-            parts.append(compare_rows(cache.rows(i, row, row + len(lq)), lq))
-        exec_used = lm.exec
+        parts = [
+            compare_rows(cache.rows(i, row, row + len(lq)), lq)
+            for i, row, lq in iter_corpus_logprobs(lm.model, chunks, ranges, chunk_tokens=chunk_tokens,
+                                                   vocab=vocab, progress=progress)
+        ]
+        return parts, lm.exec
     finally:
         lm.release()
 
-    def cat(attr):
-        return np.concatenate([getattr(p, attr) for p in parts]) if parts else np.zeros(0)
 
-    kl, top1 = cat("kl"), cat("top1").astype(bool)
-    ref_t, q_t = cat("ref_target"), cat("quant_target")
-    per_pos_cat = np.repeat(cache.chunk_category, np.diff(cache.row_offsets)).astype(np.int32)
-    summary = summarize(kl, top1, ref_t, q_t)
-    categories = summarize_groups(
-        per_pos_cat, cache.categories, kl=kl, top1=top1, ref_target=ref_t, quant_target=q_t
-    )
-    info = {}
-    if with_info:
-        try:
-            from .quantinfo import model_info
+def _info(path) -> dict:
+    """What the model is (quantinfo); a courtesy: the KL figures stand without it."""
+    from .quantinfo import model_info
 
-            info = model_info(path).to_dict()
-        except Exception as e:  # metadata is a courtesy; the KL figures stand without it
-            info = {"error": str(e).splitlines()[0] if str(e) else type(e).__name__}
-    return KldResult(
-        model=name,
-        path=str(path),
-        exec=exec_used,
-        reference=dict(cache.manifest["reference"]),
-        settings={**settings, "corpus": cache.manifest.get("corpus", {}), "blas": prefer_system_blas(),
-                  "estimator": ESTIMATOR},
-        summary=summary,
-        categories=categories,
-        info=info,
-        fingerprint=fp,
-        is_reference=same_kind_fp == ref_fp,
-        seconds=time.time() - t0,
-        kl=kl,
-        top1=top1,
-        ref_target=ref_t,
-        quant_target=q_t,
-        chunk_category=per_pos_cat,
-        max_at=cache.position_of(summary["argmax"]) if summary.get("argmax") is not None else None,
-    )
+    try:
+        return model_info(path).to_dict()
+    except Exception as e:
+        return {"error": str(e).splitlines()[0] if str(e) else type(e).__name__}

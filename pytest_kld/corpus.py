@@ -113,12 +113,6 @@ class CorpusSpec:
             "category": self.default_category,
         }
 
-    def describe(self) -> str:
-        """One line for a report header."""
-        n = "all" if self.n_chunks is None else self.n_chunks
-        what = "records" if self.kind == "records" else "chunks"
-        return f"{self.mode}: {self.source} ({n} {what}, n_ctx {self.n_ctx})"
-
 
 def _positive_int(name: str, value, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):

@@ -84,7 +84,6 @@ class PositionStats:
     top1: np.ndarray  # bool: the quant's argmax equals the reference's
     ref_target: np.ndarray  # log p_ref(next token)
     quant_target: np.ndarray  # log p_quant(next token)
-    finite: np.ndarray  # bool: the quant's log-probs at this position were all finite
 
 
 def compare_rows(ref: SparseRows, lq, *, tail_spread: bool = True) -> PositionStats:
@@ -124,7 +123,6 @@ def compare_rows(ref: SparseRows, lq, *, tail_spread: bool = True) -> PositionSt
         top1=q_arg.astype(np.int64) == ref.ids[:, 0],
         ref_target=np.asarray(ref.target, dtype=np.float64),
         quant_target=q_target,
-        finite=finite,
     )
 
 

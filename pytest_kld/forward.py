@@ -117,10 +117,8 @@ def cast_float32(model) -> None:
 class LoadedModel:
     model: object
     tokenizer: object
-    config: dict
     path: Path
     exec: str
-    n_dequantized: int = 0
 
     def release(self) -> None:
         """Drop the weights so the next model loads into free memory."""
@@ -146,10 +144,9 @@ def load_model(path: Path, exec_mode: str = "auto", *, trust_remote_code: bool =
     _check_config(Path(path), trust_remote_code)
     check_weight_files(Path(path))
     try:
-        model, tokenizer, config = load(
+        model, tokenizer = load(
             str(path),
             tokenizer_config={"trust_remote_code": trust_remote_code},
-            return_config=True,
             trust_remote_code=trust_remote_code,
         )
     except ValueError as e:
@@ -168,12 +165,11 @@ def load_model(path: Path, exec_mode: str = "auto", *, trust_remote_code: bool =
             f"{path}: mlx-lm could not build this model from its files ({type(e).__name__}: {msg}); "
             "check config.json, the weights and the tokenizer files"
         ) from None
-    n_deq = 0
     if exec_used == "float32":
-        n_deq = dequantize_to_float32(model)
+        dequantize_to_float32(model)
         cast_float32(model)
     mx.eval(model.parameters())
-    return LoadedModel(model, tokenizer, config, Path(path), exec_used, n_deq)
+    return LoadedModel(model, tokenizer, Path(path), exec_used)
 
 
 def _one_line(e: BaseException, limit: int = 300) -> str:
