@@ -16,6 +16,7 @@ from tiny import write_tokenizer
 from pytest_kld import corpus as C
 from pytest_kld.corpus import CorpusSpec, corpus_spec
 from pytest_kld.errors import CorpusError
+from pytest_kld.sources import WIKITEXT_FILE, WIKITEXT_REPO, wikitext_text
 from pytest_kld.tokens import tokenize_corpus
 
 # --------------------------------------------------------------------------------------------
@@ -350,7 +351,7 @@ def lay_out_hub_cache(root: Path, rows, commit="0123456789abcdef0123456789abcdef
     import pyarrow.parquet as pq
 
     repo = root / "datasets--Salesforce--wikitext"
-    target = repo / "snapshots" / commit / C.WIKITEXT_FILE
+    target = repo / "snapshots" / commit / WIKITEXT_FILE
     target.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table({"text": rows}), target)
     (repo / "refs").mkdir(parents=True, exist_ok=True)
@@ -373,8 +374,8 @@ def test_wikitext_offline_through_huggingface_hub(hub_cache, tok):
     spec = corpus_spec("long", n_ctx=256)
     assert Path(spec.path) == target  # found by huggingface_hub in our cache, offline
     assert spec.n_chunks == 32 and spec.score_offset == 128
-    assert spec.source == f"{C.WIKITEXT_REPO}:{C.WIKITEXT_FILE}"
-    assert C.wikitext_text(target) == WIKI_RAW
+    assert spec.source == f"{WIKITEXT_REPO}:{WIKITEXT_FILE}"
+    assert wikitext_text(target) == WIKI_RAW
     assert WIKI_RAW.startswith(" \n = Test Article = \n \n The first")
     tc = tokenize_corpus(spec, tok)
     check_ranges(tc, 256)

@@ -89,16 +89,16 @@ def test_long_mode_offline_is_asked_once_per_session(pytester, tiny_model, tmp_p
     count = tmp_path / "asked"
     pytester.makeconftest(
         f"""
-import pytest_kld.corpus as corpus
+import pytest_kld.sources as sources
 
-_fetch = corpus._fetch_wikitext
+_fetch = sources._fetch_wikitext
 
 def counted(*a, **k):
     with open({str(count)!r}, "a") as f:
         f.write("asked\\n")
     return _fetch(*a, **k)
 
-corpus._fetch_wikitext = counted
+sources._fetch_wikitext = counted
 """
     )
     pytester.makepyfile(
