@@ -61,34 +61,12 @@ def chart_figure(rows, *, title: str | None = None, dpi: int = 120):
     fig = Figure(figsize=(8, 5), dpi=dpi)
     canvas = FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    plotted, skipped, references = [], [], []
-    for row in ordered_rows(rows):
-        mean = row_mean(row)
-        bpw = (row.get("info") or {}).get("bits_per_weight")
-        if row.get("is_reference"):
-            references.append(row)
-        elif (
-            mean is None
-            or not math.isfinite(mean)
-            or mean <= 0
-            or not isinstance(bpw, (int, float))
-            or isinstance(bpw, bool)
-        ):
-            skipped.append(row)
-        else:
-            plotted.append((float(bpw), float(mean), row))
+    plotted, skipped, references = _sort_rows(rows)
     for bpw, mean, row in plotted:
         ax.scatter(
             [bpw], [mean], s=40, color=_color(row), zorder=3, edgecolors="black", linewidths=0.5
         )
-    notes = []
-    for row in references:
-        bpw = (row.get("info") or {}).get("bits_per_weight")
-        at = f", {bpw:.2f} bits/w" if isinstance(bpw, (int, float)) else ""
-        notes.append(f"not plotted: the reference \"{row.get('model', '?')}\"{at} (KLD 0 against itself)")
-    if skipped:
-        names = ", ".join(str(r.get("model", "?")) for r in skipped)
-        notes.append(f"not plotted (mean KLD 0 or unknown, or bits/w unknown): {names}")
+    notes = _notes(references, skipped)
     if notes:
         ax.text(0.01, 0.01, "\n".join(notes), fontsize=7, color="dimgray", transform=ax.transAxes)
     ax.set_xlabel("effective bits per weight (weights, scales, biases, float tensors)")
@@ -96,24 +74,7 @@ def chart_figure(rows, *, title: str | None = None, dpi: int = 120):
     sub = _chart_subtitle(rows)
     ax.set_title(title or f"mean {DIRECTION} against bits per weight" + (f"\n{sub}" if sub else ""), fontsize=10)
     if plotted:
-        ax.set_yscale("log")
-        seen = {(row_passed(r), _color(r)) for _, _, r in plotted}
-        names = {True: "passed", False: "failed", None: "no threshold"}
-        handles = [
-            ax.scatter([], [], s=40, color=c, edgecolors="black", linewidths=0.5, label=names[p])
-            for p, c in sorted(seen, key=lambda pc: str(pc[0]))
-        ]
-        ax.legend(handles=handles, loc="upper right", fontsize=8)  # what the colours mean
-        xs = [p[0] for p in plotted]
-        ys = [p[1] for p in plotted]
-        lo, hi = min(xs), max(xs)
-        pad = max(0.25, 0.08 * (hi - lo))
-        ax.set_xlim(lo - pad, hi + pad + 0.15 * (hi - lo + 1))
-        ylo, yhi = math.log10(min(ys)), math.log10(max(ys))
-        ypad = max(0.3, 0.12 * (yhi - ylo))
-        ax.set_ylim(10 ** (ylo - ypad - (0.15 * (yhi - ylo) if notes else 0)), 10 ** (yhi + ypad))
-        ax.grid(True, which="major", alpha=0.35)
-        ax.grid(True, which="minor", alpha=0.1)
+        _scale_and_legend(ax, plotted, bool(notes))
     else:
         ax.text(
             0.5,
@@ -128,6 +89,56 @@ def chart_figure(rows, *, title: str | None = None, dpi: int = 120):
     if plotted:
         _place_labels(ax, canvas.get_renderer(), plotted)
     return fig
+
+
+def _sort_rows(rows):
+    """(plotted [(bits/w, mean, row)], skipped rows, reference rows): a row is plotted when it
+    has a positive, finite mean and a bits/w (a log axis has no 0)."""
+    plotted, skipped, references = [], [], []
+    for row in ordered_rows(rows):
+        mean = row_mean(row)
+        bpw = (row.get("info") or {}).get("bits_per_weight")
+        if row.get("is_reference"):
+            references.append(row)
+        elif mean is None or not math.isfinite(mean) or mean <= 0 or not isinstance(bpw, (int, float)) or isinstance(bpw, bool):
+            skipped.append(row)
+        else:
+            plotted.append((float(bpw), float(mean), row))
+    return plotted, skipped, references
+
+
+def _notes(references, skipped) -> list[str]:
+    notes = []
+    for row in references:
+        bpw = (row.get("info") or {}).get("bits_per_weight")
+        at = f", {bpw:.2f} bits/w" if isinstance(bpw, (int, float)) else ""
+        notes.append(f"not plotted: the reference \"{row.get('model', '?')}\"{at} (KLD 0 against itself)")
+    if skipped:
+        names = ", ".join(str(r.get("model", "?")) for r in skipped)
+        notes.append(f"not plotted (mean KLD 0 or unknown, or bits/w unknown): {names}")
+    return notes
+
+
+def _scale_and_legend(ax, plotted, notes: bool) -> None:
+    """Log y axis, limits with room for the labels (and the notes), the colours' legend, a grid."""
+    ax.set_yscale("log")
+    seen = {(row_passed(r), _color(r)) for _, _, r in plotted}
+    names = {True: "passed", False: "failed", None: "no threshold"}
+    handles = [
+        ax.scatter([], [], s=40, color=c, edgecolors="black", linewidths=0.5, label=names[p])
+        for p, c in sorted(seen, key=lambda pc: str(pc[0]))
+    ]
+    ax.legend(handles=handles, loc="upper right", fontsize=8)  # what the colours mean
+    xs = [p[0] for p in plotted]
+    ys = [p[1] for p in plotted]
+    lo, hi = min(xs), max(xs)
+    pad = max(0.25, 0.08 * (hi - lo))
+    ax.set_xlim(lo - pad, hi + pad + 0.15 * (hi - lo + 1))
+    ylo, yhi = math.log10(min(ys)), math.log10(max(ys))
+    ypad = max(0.3, 0.12 * (yhi - ylo))
+    ax.set_ylim(10 ** (ylo - ypad - (0.15 * (yhi - ylo) if notes else 0)), 10 ** (yhi + ypad))
+    ax.grid(True, which="major", alpha=0.35)
+    ax.grid(True, which="minor", alpha=0.1)
 
 
 def _chart_subtitle(rows) -> str:

@@ -118,20 +118,7 @@ def _how_to_fetch(repo_id: str, revision: str | None) -> str:
 
 
 def _resolve_hub(repo_id: str, *, revision: str | None, local_files_only: bool | None) -> Path:
-    try:
-        import huggingface_hub
-        from huggingface_hub.utils import (
-            GatedRepoError,
-            HFValidationError,
-            LocalEntryNotFoundError,
-            RepositoryNotFoundError,
-            RevisionNotFoundError,
-        )
-    except ImportError as e:  # pragma: no cover - a declared dependency
-        raise ModelError(
-            f"cannot resolve hub id {repo_id}: huggingface_hub is not importable ({e}); "
-            "pip install huggingface_hub, or give a local model directory"
-        ) from None
+    import huggingface_hub
 
     offline_env = hub_offline()
     if local_files_only is None:
@@ -146,57 +133,54 @@ def _resolve_hub(repo_id: str, *, revision: str | None, local_files_only: bool |
             allow_patterns=HUB_ALLOW_PATTERNS,
             local_files_only=local_files_only,
         )
-    except HFValidationError as e:
-        raise ModelError(
-            f"{repo_id!r} is neither an existing directory nor a valid hub id ({_first_line(e)}); "
-            "check the spelling"
-        ) from None
-    except LocalEntryNotFoundError as e:
-        # Also IncompleteSnapshotError (a subclass): cache partial and the hub not consulted.
-        if local_files_only:
-            why = "HF_HUB_OFFLINE is set" if offline_env else "local_files_only=True"
-            unset = "; or unset HF_HUB_OFFLINE" if offline_env else ""
-            raise ModelError(
-                f"model {at} is not in the hub cache {cache} and {why}: "
-                f"{_how_to_fetch(repo_id, revision)}{unset}"
-            ) from None
-        raise ModelError(
-            f"model {at} could not be downloaded and is not in the hub cache {cache} "
-            f"({_first_line(e)}): {_how_to_fetch(repo_id, revision)}"
-        ) from None
-    except GatedRepoError:
-        raise ModelError(
-            f"model {at} is gated: accept its licence on the hub and log in (`hf auth login` "
-            "or HF_TOKEN), then retry"
-        ) from None
-    except RepositoryNotFoundError:
-        raise ModelError(
-            f"model {at} not found on the hub (or private: log in with `hf auth login` or set "
-            "HF_TOKEN); check the id, or give a local model directory"
-        ) from None
-    except RevisionNotFoundError:
-        raise ModelError(
-            f"revision {revision!r} not found in hub model {repo_id}: check the branch, tag or "
-            "commit"
-        ) from None
-    except (OSError, ValueError) as e:  # HfHubHTTPError is an OSError; network failures too
-        raise ModelError(
-            f"model {at} could not be fetched ({type(e).__name__}: {_first_line(e)}): "
-            f"{_how_to_fetch(repo_id, revision)}"
-        ) from None
-    except Exception as e:  # httpx2 transport errors (not OSError) on a broken network
-        if type(e).__module__.split(".")[0] not in ("httpx", "httpx2", "huggingface_hub"):
+    except Exception as e:
+        error = _hub_error(e, repo_id, revision, cache, local_files_only, offline_env)
+        if error is None:
             raise
-        raise ModelError(
-            f"model {at} could not be fetched ({type(e).__name__}: {_first_line(e)}): "
-            f"{_how_to_fetch(repo_id, revision)}"
-        ) from None
+        raise error from None
     path = Path(snapshot)
     if not (path / "config.json").is_file():
         raise ModelError(
             f"hub repo {at} has no config.json at {path}: it is not a model repo mlx_lm can load"
         )
     return path
+
+
+def _hub_error(e: Exception, repo_id: str, revision, cache, local_files_only: bool, offline_env: bool):
+    """The one-line ModelError for a failed snapshot_download, or None for an error that is not
+    the hub's (re-raised as it is)."""
+    from huggingface_hub.utils import (
+        GatedRepoError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    at = f"{repo_id}@{revision}" if revision else repo_id
+    fetch = _how_to_fetch(repo_id, revision)
+    if isinstance(e, HFValidationError):
+        return ModelError(f"{repo_id!r} is neither an existing directory nor a valid hub id ({_first_line(e)}); "
+                          "check the spelling")
+    if isinstance(e, LocalEntryNotFoundError):  # also IncompleteSnapshotError: cache partial, hub not asked
+        if local_files_only:
+            why = "HF_HUB_OFFLINE is set" if offline_env else "local_files_only=True"
+            unset = "; or unset HF_HUB_OFFLINE" if offline_env else ""
+            return ModelError(f"model {at} is not in the hub cache {cache} and {why}: {fetch}{unset}")
+        return ModelError(f"model {at} could not be downloaded and is not in the hub cache {cache} "
+                          f"({_first_line(e)}): {fetch}")
+    if isinstance(e, GatedRepoError):
+        return ModelError(f"model {at} is gated: accept its licence on the hub and log in (`hf auth login` "
+                          "or HF_TOKEN), then retry")
+    if isinstance(e, RepositoryNotFoundError):
+        return ModelError(f"model {at} not found on the hub (or private: log in with `hf auth login` or set "
+                          "HF_TOKEN); check the id, or give a local model directory")
+    if isinstance(e, RevisionNotFoundError):
+        return ModelError(f"revision {revision!r} not found in hub model {repo_id}: check the branch, tag or commit")
+    # HfHubHTTPError and network failures are OSErrors; httpx transport errors are not
+    if isinstance(e, (OSError, ValueError)) or type(e).__module__.split(".")[0] in ("httpx", "httpx2", "huggingface_hub"):
+        return ModelError(f"model {at} could not be fetched ({type(e).__name__}: {_first_line(e)}): {fetch}")
+    return None
 
 
 def _first_line(e: BaseException) -> str:

@@ -34,10 +34,30 @@ from .report import (
 _MD_SPECIAL = "\\`*_[]<>|#"
 
 
+
+
 def _esc(text) -> str:
     """A Markdown table cell: special characters escaped, newlines folded."""
     s = " ".join(str(text).split())
     return "".join("\\" + c if c in _MD_SPECIAL else c for c in s) or " "
+
+
+LEADERBOARD_HEADINGS = (
+    "#",
+    "model",
+    "quant",
+    "bits/w",
+    "size MB",
+    f"mean {_esc(DIRECTION)}",
+    "mean/bit",
+    "median",
+    "P95",
+    "P99",
+    "max",
+    "top-1",
+    "positions",
+    "result",
+)
 
 
 def _num(v, fmt: str = "{:.4g}") -> str:
@@ -141,22 +161,7 @@ def markdown(rows, header: dict | None = None) -> str:
 def _leaderboard(rows) -> list[str]:
     """The main table: one row per model, the best of each column in bold, then its legend."""
     out: list[str] = []
-    headings = [
-        "#",
-        "model",
-        "quant",
-        "bits/w",
-        "size MB",
-        f"mean {_esc(DIRECTION)}",
-        "mean/bit",
-        "median",
-        "P95",
-        "P99",
-        "max",
-        "top-1",
-        "positions",
-        "result",
-    ]
+    headings = list(LEADERBOARD_HEADINGS)
     broken = any(nonfinite(r) for r in rows)
     if broken:
         headings.insert(-1, "non-finite")

@@ -384,6 +384,8 @@ def _quant_family(config, qconf, matrices, float_mats, quantized):
 
     An explicit ``quantization_config.quant_method`` (the transformers convention) wins.
     """
+    # one piece: an ordered ladder of rules, first match wins; split up, the precedence between
+    # the scripts' config shapes above would be scattered over several functions.
     if not quantized:
         return "none", "no quantised tensors", None
     qc = config.get("quantization_config")
