@@ -621,3 +621,28 @@ def test_p_no_kld_disables_the_plugin(pytester, monkeypatch):
     result.stderr.fnmatch_lines(["*unrecognized arguments: --kld-reference=x*"])
     result = pytester.runpytest("-p", "no:kld", "--fixtures")
     assert "assert_kld" not in result.stdout.str()
+
+
+def test_workflow_markdown_option_with_equals_reads_the_ini_and_space_form_says_why_not(pytester, models, tmp_path,
+                                                                                         monkeypatch):
+    """Issue 14: the example workflow's `pytest -n 2 --kld-markdown="$GITHUB_STEP_SUMMARY"`, with
+    the summary file outside the repository, reads the project's ini (kld_reference); written
+    with a space, pytest takes the value for a test path when choosing the rootdir, the ini is
+    not read, and the error says so."""
+    pytester.makepyprojecttoml(
+        f'[tool.pytest.ini_options]\nkld_reference = "{models["ref"]}"\nkld_n_chunks = 2\n'
+        f'kld_cache_dir = "{pytester.path / "cache"}"\n'
+    )
+    pytester.makepyfile(test_q=f"def test_q(assert_kld):\n    assert_kld({models['q8']!r}, mean=1.0)\n")
+    outside = tmp_path / "runner" / "step_summary.md"
+    outside.parent.mkdir()
+    outside.write_text("# earlier step\n")
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(outside))
+    result = pytester.runpytest_subprocess("-n", "2", f"--kld-markdown={outside}", "--junitxml=kld-junit.xml",
+                                           "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+    assert outside.read_text().startswith("# earlier step\n") and "llama-q8-g64" in outside.read_text()
+    result = pytester.runpytest_subprocess("--kld-markdown", str(outside), "-p", "no:cacheprovider")
+    assert result.ret != 0
+    result.stdout.fnmatch_lines(["*no reference model set*--kld-markdown was given its value as a separate "
+                                 "argument*write --kld-markdown=VALUE*"])
