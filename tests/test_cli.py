@@ -7,6 +7,8 @@ import re
 import subprocess
 import sys
 
+from tiny import validate_results
+
 
 def run(*args):
     return subprocess.run([sys.executable, "-m", "pytest_kld", *map(str, args)], capture_output=True, text=True)
@@ -62,6 +64,7 @@ def test_cli_broken_model_exits_1_with_strict_json(tiny_model, tmp_path):
     assert f"broken model for {nan}" in p.stderr and "had NaN or inf log-probs" in p.stderr
     text = out.read_text()
     assert "NaN" not in text and "Infinity" not in text
+    validate_results(json.loads(text))
     row = json.loads(text)["results"][0]
     assert row["nonfinite"] > 0 and row["outcome"] == "failed"
     assert "FAIL" not in p.stdout.split("non-finite")[0] or "non-finite" in p.stdout
@@ -81,6 +84,7 @@ def test_cli_threshold_exit_1_strict_versioned_json_and_progress(tiny_model, tmp
     text = out.read_text()
     assert "NaN" not in text
     doc = json.loads(text)
+    validate_results(doc)
     assert doc["schema_version"] == 1 and doc["direction"] == "KL(reference || quant)"
     (r,) = doc["results"]
     assert r["outcome"] == "failed" and r["thresholds"] == {"mean": 0.01, "nonfinite": 0}

@@ -17,6 +17,7 @@ import shutil
 import xml.etree.ElementTree as ET
 
 import pytest
+from tiny import validate_results
 
 from pytest_kld.plugin import NO_REFERENCE
 
@@ -429,7 +430,10 @@ def test_nan_logits_fail_with_a_count_of_positions(pytester, models, kld_args):
     nan_line = next(ln for ln in result.stdout.lines if ln.startswith("llama-nan "))
     assert "*" not in nan_line.replace("FAIL: non-finite", ""), nan_line
     assert f"{n} (" in nan_line
-    rows = {r["model"]: r for r in json.loads(out.read_text())["results"]}
+    doc = json.loads(out.read_text())
+    validate_results(doc)
+    rows = {r["model"]: r for r in doc["results"]}
+    assert [r["model"] for r in doc["results"]] == sorted(rows)  # stable order, whatever finished first
     assert rows["llama-nan"]["nonfinite"] == n and rows["llama-nan"]["count"] == total - n
     assert rows["llama-nan"]["nonfinite_share"] == pytest.approx(n / total)
     assert rows["llama-nan"]["outcome"] == "failed"

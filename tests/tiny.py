@@ -230,3 +230,14 @@ def quantize(
             quant_predicate=predicate,
         )
     return Path(dst)
+
+
+def validate_results(doc: dict) -> None:
+    """Check a results document against the JSON Schema shipped in the package."""
+    from importlib.resources import files
+
+    import jsonschema
+
+    schema = json.loads(files("pytest_kld").joinpath("data/results.schema.json").read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    jsonschema.validate(doc, schema, cls=jsonschema.Draft202012Validator)
