@@ -14,30 +14,32 @@ JUNIT_FIGURES = ("mean", "se", "median", "p95", "p99", "max", "top1")
 
 
 class KldCompare:
-    """``kld_compare(model, *, nonfinite=0, name=None, exec=None) -> KldResult``: compare with no
-    KLD thresholds (the test's ``@pytest.mark.kld`` settings apply). A model whose log-probs are
-    NaN or inf at more than ``nonfinite`` positions is broken: the test fails."""
+    """``kld_compare(model, *, nonfinite=0, name=None, exec=None, revision=None) -> KldResult``:
+    compare with no KLD thresholds (the test's ``@pytest.mark.kld`` settings apply). A model whose
+    log-probs are NaN or inf at more than ``nonfinite`` positions is broken: the test fails.
+    ``revision`` pins a hub model (branch, tag or commit)."""
 
     def __init__(self, node, session, settings: dict, cache):
         self.node, self.session, self.settings, self.cache = node, session, settings, cache
 
-    def __call__(self, model, *, nonfinite: int = 0, name: str | None = None, exec: str | None = None):
+    def __call__(self, model, *, nonfinite: int = 0, name: str | None = None, exec: str | None = None,
+                 revision: str | None = None):
         __tracebackhide__ = True
         allowed = _or_fail(lambda: allowed_nonfinite(nonfinite, "kld_compare"))
-        result = self.compare(model, name=name, exec=exec, thresholds={"nonfinite": allowed})
+        result = self.compare(model, name=name, exec=exec, revision=revision, thresholds={"nonfinite": allowed})
         line = nonfinite_line(result, allowed)
         if line:
             pytest.fail(f"{result.model} is broken: {line}", pytrace=False)
         return result
 
-    def compare(self, model, *, name=None, exec=None, thresholds: dict | None = None):
+    def compare(self, model, *, name=None, exec=None, revision=None, thresholds: dict | None = None):
         """One comparison, recorded; a KldError fails the test in one line."""
         __tracebackhide__ = True
         from .run import compare_model
 
         label = f"comparing {name or model}"
         result = _or_fail(lambda: compare_model(self.cache, self.settings, model, name=name, exec=exec,
-                                                progress=self.session.progress(label)))
+                                                revision=revision, progress=self.session.progress(label)))
         self._record(result, thresholds)
         return result
 
@@ -59,7 +61,7 @@ class KldCompare:
 
 class AssertKld:
     """``assert_kld(model, *, mean=None, median=None, p90=None, p95=None, p99=None, p99_9=None,
-    max=None, top1=None, categories=None, nonfinite=0, name=None, exec=None) -> KldResult``
+    max=None, top1=None, categories=None, nonfinite=0, name=None, exec=None, revision=None) -> KldResult``
 
     Compares ``model`` with the reference and fails the test, in one message, listing every
     threshold with its observed value: KLD figures (nats, KL(reference || quant)) must be at most
@@ -90,6 +92,7 @@ class AssertKld:
         nonfinite: int = 0,
         name: str | None = None,
         exec: str | None = None,
+        revision: str | None = None,
         **unknown,
     ):
         __tracebackhide__ = True
@@ -105,7 +108,8 @@ class AssertKld:
                 nonfinite, "assert_kld")
 
         thresholds, cats, allowed = _or_fail(checked)
-        result = self._compare.compare(model, name=name, exec=exec, thresholds={**thresholds, "nonfinite": allowed})
+        result = self._compare.compare(model, name=name, exec=exec, revision=revision,
+                                       thresholds={**thresholds, "nonfinite": allowed})
         message = evaluate(result, thresholds, cats, allowed)
         if message:
             pytest.fail(message, pytrace=False)

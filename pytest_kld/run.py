@@ -91,7 +91,7 @@ def _say_reused(cache, notify) -> None:
     notify(f"pytest-kld: reference cache reused: built {when}, {cache.n_positions} positions ({cache.path})")
 
 
-def compare_model(cache, s: dict, model, *, name=None, exec=None, progress=None):
+def compare_model(cache, s: dict, model, *, name=None, exec=None, revision=None, progress=None):
     """Compare ``model`` with the cache under settings ``s`` (a KldResult)."""
     from .compare import compare
 
@@ -101,6 +101,7 @@ def compare_model(cache, s: dict, model, *, name=None, exec=None, progress=None)
         exec=exec or (None if s["exec"] == "auto" else s["exec"]),
         chunk_tokens=int(s["chunk_tokens"]),
         name=name,
+        revision=revision,
         trust_remote_code=bool(s.get("trust_remote_code")),
         full_hash=bool(s.get("full_hash")),
         progress=progress,

@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import pytest
 from tiny import validate_results
@@ -650,3 +651,29 @@ def test_workflow_markdown_option_with_equals_reads_the_ini_and_space_form_says_
     assert result.ret != 0
     result.stdout.fnmatch_lines(["*no reference model set*--kld-markdown was given its value as a separate "
                                  "argument*write --kld-markdown=VALUE*"])
+
+
+def test_a_hub_quant_is_pinned_by_revision(pytester, models, tmp_path, monkeypatch):
+    """Issue 14: assert_kld/kld_compare take the compared model's hub revision (offline, from a
+    laid-out hub cache): the pinned commit resolves, another one fails in one line."""
+    from test_models import make_hub_cache
+
+    commit = "fedcba9876543210fedcba9876543210fedcba98"
+    files = {p.name: p.read_bytes() for p in Path(models["q8"]).iterdir() if p.is_file()}
+    make_hub_cache(tmp_path / "hub", "org/tiny-q8", files, commit=commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pytester.makepyfile(
+        f"""
+        def test_pinned(assert_kld):
+            r = assert_kld("org/tiny-q8", revision={commit!r}, mean=1.0)
+            assert r.path.endswith({commit!r})
+
+        def test_other_revision(kld_compare):
+            kld_compare("org/tiny-q8", revision="0" * 40)
+        """
+    )
+    result = pytester.runpytest(f"--kld-reference={models['ref']}", f"--kld-cache-dir={pytester.path / 'c'}",
+                                "--kld-n-chunks=2", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*model org/tiny-q8@0000000000000000000000000000000000000000 is not in the hub cache*"])
