@@ -107,7 +107,7 @@ def compare(
     return KldResult(
         model=name, path=str(path), exec=exec_used, reference=dict(cache.manifest["reference"]),
         settings={**settings, "corpus": cache.manifest.get("corpus", {}), "blas": prefer_system_blas(),
-                  "estimator": ESTIMATOR},
+                  "estimator": ESTIMATOR, "cache": {"key": cache.manifest.get("key"), "path": str(cache.path)}},
         summary=summary, categories=categories, info=_info(path), fingerprint=fp, is_reference=is_reference,
         seconds=time.time() - t0, kl=kl, top1=top1, ref_target=ref_t, quant_target=q_t, chunk_category=per_pos_cat,
         max_at=cache.position_of(summary["argmax"]) if summary.get("argmax") is not None else None,

@@ -113,9 +113,31 @@ def row(result, outcome: str | None = None, thresholds: dict | None = None) -> d
     from .report import result_row
 
     r = json.loads(json.dumps(result_row(result, outcome), default=_jsonable))
+    ref, corpus = result.reference, result.settings.get("corpus") or {}
+    r["cache"] = {  # which reference cache: a baseline or a merge refuses rows of another
+        **(result.settings.get("cache") or {}),
+        "reference_fingerprint": ref.get("fingerprint"),
+        "tokenizer_fingerprint": ref.get("tokenizer_fingerprint"),
+        "corpus_sha256": corpus.get("token_sha256"),
+    }
     if thresholds:
         r["thresholds"] = thresholds
+        r["margins"] = margins(r, thresholds)
     return r
+
+
+def margins(r: dict, thresholds: dict) -> dict:
+    """How far each figure is inside its threshold (negative: over it): allowed - observed for
+    upper bounds, observed - allowed for top1 and positions for nonfinite."""
+    from .options import THRESHOLDS
+
+    bound = {t.name: t.bound for t in THRESHOLDS}
+    out = {}
+    for key, allowed in thresholds.items():
+        got = r.get("nonfinite") if key == "nonfinite" else (r.get("summary") or {}).get(key)
+        if isinstance(got, (int, float)) and math.isfinite(got):
+            out[key] = got - allowed if bound.get(key) == "lower" else allowed - got
+    return out
 
 
 def unique_rows(rows: list[dict]) -> list[dict]:
@@ -165,6 +187,7 @@ def write_json(path: str, s: dict, rows: list[dict]) -> None:
         "tool": "pytest-kld",
         "version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "git_commit": _git_commit(),
         "direction": "KL(reference || quant)",
         "settings": dict(s),
         "versions": _versions(),
@@ -174,6 +197,18 @@ def write_json(path: str, s: dict, rows: list[dict]) -> None:
     }
     text = json.dumps(strict(json.loads(json.dumps(doc, default=_jsonable))), indent=2, allow_nan=False)
     write_text(path, text)
+
+
+def _git_commit() -> str | None:
+    """The commit of the repository the run starts in (the quants' recipes), if it is one."""
+    import subprocess
+
+    try:
+        p = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    out = p.stdout.strip()
+    return out if p.returncode == 0 and len(out) == 40 else None
 
 
 def _versions() -> dict:

@@ -6,7 +6,9 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
 from tiny import validate_results
 
 
@@ -88,6 +90,10 @@ def test_cli_threshold_exit_1_strict_versioned_json_and_progress(tiny_model, tmp
     assert doc["schema_version"] == 1 and doc["direction"] == "KL(reference || quant)"
     (r,) = doc["results"]
     assert r["outcome"] == "failed" and r["thresholds"] == {"mean": 0.01, "nonfinite": 0}
+    assert r["margins"]["mean"] == pytest.approx(0.01 - r["mean"]) < 0 and r["margins"]["nonfinite"] == 0
+    entry = Path(r["cache"]["path"])
+    assert json.loads((entry / "manifest.json").read_text())["key"] == r["cache"]["key"]
+    assert r["cache"]["corpus_sha256"] and r["cache"]["reference_fingerprint"].startswith("sha256-sample:")
     # the same within budget: exit 0, and the cache is reused (said so), not rebuilt
     p = run(ref, q3, "--mean", 10, "--n-chunks", 3, "--top-k", 16, "--cache-dir", tmp_path / "c")
     assert p.returncode == 0, p.stderr
