@@ -90,7 +90,8 @@ def test_cli_threshold_exit_1_strict_versioned_json_and_progress(tiny_model, tmp
     assert doc["schema_version"] == 1 and doc["direction"] == "KL(reference || quant)"
     (r,) = doc["results"]
     assert r["outcome"] == "failed" and r["thresholds"] == {"mean": 0.01, "nonfinite": 0}
-    assert r["margins"]["mean"] == pytest.approx(0.01 - r["mean"]) < 0 and r["margins"]["nonfinite"] == 0
+    assert r["margins"]["mean"] == pytest.approx(0.01 - r["mean"]) and r["margins"]["mean"] < 0
+    assert r["margins"]["nonfinite"] == 0
     entry = Path(r["cache"]["path"])
     assert json.loads((entry / "manifest.json").read_text())["key"] == r["cache"]["key"]
     assert r["cache"]["corpus_sha256"] and r["cache"]["reference_fingerprint"].startswith("sha256-sample:")
