@@ -187,3 +187,22 @@ def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
 
+
+def resolve_cache_repo(repo_id: str, *, revision: str | None = None) -> Path:
+    """The local snapshot of a hub dataset repository holding exported reference caches
+    (``manifest.json`` + ``arrays.safetensors`` per entry), from the hub cache first; offline
+    (``HF_HUB_OFFLINE``) it must be there. Every failure is one line."""
+    import huggingface_hub
+
+    offline = hub_offline()
+    cache = hub_cache_dir()
+    try:
+        return Path(huggingface_hub.snapshot_download(
+            repo_id, repo_type="dataset", revision=revision, cache_dir=str(cache),
+            allow_patterns=["*manifest.json", "*arrays.safetensors"], local_files_only=offline,
+        ))
+    except Exception as e:
+        error = _hub_error(e, repo_id, revision, cache, offline, offline)
+        if error is None:
+            raise
+        raise ModelError(str(error).replace("model ", "reference cache repo ", 1)) from None

@@ -46,6 +46,9 @@ OPTIONS: tuple[Option, ...] = (
            default_text="none; KLD tests error without one"),
     Option("revision", str, None, "hub revision (branch, tag or commit) of the reference", marker=True,
            default_text="the main branch"),
+    Option("reference-cache", str, None, "a reference cache made elsewhere: an entry directory, a directory of "
+           "exported entries, or a hub dataset repo id (REPO or REPO@REVISION); no reference weights are read",
+           marker=True),
     Option("mode", str, "short", "corpus: short (bundled prompts), long (WikiText-2) or file (--kld-dataset)",
            choices=("short", "long", "file"), marker=True),
     Option("dataset", str, None, "a .txt, .jsonl or .parquet corpus file (sets mode to file)", marker=True),

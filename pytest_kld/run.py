@@ -57,8 +57,8 @@ def open_reference(
     from .cache import ensure_reference
     from .reference import ReferenceCache, Settings
 
-    if is_cache_dir(s["reference"]):
-        cache = ReferenceCache.load(Path(s["reference"]).expanduser())
+    if s.get("reference_cache") or is_cache_dir(s["reference"]):
+        cache = ReferenceCache.load(travelling_cache(s.get("reference_cache") or s["reference"], s["mode"]))
         _say_reused(cache, notify)
         return cache
     built: list = []
@@ -81,6 +81,38 @@ def open_reference(
     if not built:
         _say_reused(cache, notify)
     return cache
+
+
+def travelling_cache(where: str, mode: str) -> Path:
+    """The entry directory of a cache made elsewhere: ``where`` is an entry, a directory of
+    exported entries (one per mode), or a hub dataset repo (``REPO`` or ``REPO@REVISION``,
+    through the hub cache). With several entries, the one of ``mode``."""
+    local = Path(os.path.expanduser(str(where)))
+    if not local.exists():
+        from .hub import resolve_cache_repo
+
+        repo, _, revision = str(where).partition("@")
+        local = resolve_cache_repo(repo, revision=revision or None)
+    if is_cache_dir(local):
+        return local
+    entries = sorted(p.parent for p in local.glob("*/manifest.json") if is_cache_dir(p.parent))
+    modes = {p: _entry_mode(p) for p in entries}
+    matching = [p for p in entries if modes[p] == mode]
+    if len(matching) == 1:
+        return matching[0]
+    if not entries:
+        raise KldError(f"{where}: no reference cache entry (manifest.json + arrays.safetensors) found there; "
+                       "export one with `pytest-kld export`")
+    have = ", ".join(f"{p.name} ({modes[p]})" for p in entries)
+    raise KldError(f"{where}: {'no' if not matching else 'more than one'} entry for mode {mode!r} (has: {have}); "
+                   "point --kld-reference-cache at one entry")
+
+
+def _entry_mode(entry: Path) -> str | None:
+    try:
+        return (json.loads((entry / "manifest.json").read_text()).get("corpus") or {}).get("mode")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _say_reused(cache, notify) -> None:

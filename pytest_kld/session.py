@@ -49,14 +49,14 @@ class KldSession:
         is remembered, so later tests fail at once with the same line."""
         from .run import open_reference
 
-        if not s.get("reference"):
+        if not s.get("reference") and not s.get("reference_cache"):
             raise NoReference()
-        key = tuple(str(s.get(k)) for k in ("reference", "revision", "mode", "dataset", "n_ctx", "n_chunks",
+        key = tuple(str(s.get(k)) for k in ("reference", "reference_cache", "revision", "mode", "dataset", "n_ctx", "n_chunks",
                                              "no_chat_template", "top_k", "chunk_tokens", "exec", "cache_dir",
                                              "full_hash"))
         if key not in self.caches:
             out = self.writer()
-            label = f"building reference cache {s['reference']} [{s['mode']}]"
+            label = f"building reference cache {s.get('reference')} [{s['mode']}]"
             try:
                 self.caches[key] = open_reference(
                     s, progress=self.progress(label), notify=lambda line: out(line, "\n"),

@@ -39,6 +39,12 @@ def tiny_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_model(tiny_dir):
     """``tiny_model(arch, bits=None, group_size=64)``: path of a tiny model or its quant (cached)."""
+    # Imported now, before any test's pytester fixture snapshots sys.modules: a model built inside
+    # such a test would import them there, the snapshot would drop them at teardown, and the next
+    # import would load mlx's native module a second time (nanobind aborts the process).
+    import mlx.core  # noqa: F401
+    import mlx_lm.convert  # noqa: F401
+
     made = {}
 
     def get(arch: str = "llama", bits: int | None = None, group_size: int = 64, **kw):

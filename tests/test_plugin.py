@@ -673,7 +673,7 @@ def test_a_hub_quant_is_pinned_by_revision(pytester, models, tmp_path, monkeypat
             kld_compare("org/tiny-q8", revision="0" * 40)
         """
     )
-    result = pytester.runpytest(f"--kld-reference={models['ref']}", f"--kld-cache-dir={pytester.path / 'c'}",
-                                "--kld-n-chunks=2", "-p", "no:cacheprovider")
+    result = pytester.runpytest_subprocess(f"--kld-reference={models['ref']}", f"--kld-cache-dir={pytester.path / 'c'}",
+                                           "--kld-n-chunks=2", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(["*model org/tiny-q8@0000000000000000000000000000000000000000 is not in the hub cache*"])
