@@ -10,7 +10,7 @@ import pytest
 from .errors import KldError
 from .thresholds import allowed_nonfinite, evaluate, nonfinite_line, validate, validate_categories
 
-JUNIT_FIGURES = ("mean", "se", "median", "p95", "p99", "max", "top1")
+JUNIT_FIGURES = ("mean", "se", "se_cluster", "ci95_low", "ci95_high", "median", "p95", "p99", "max", "top1")
 
 
 class KldCompare:

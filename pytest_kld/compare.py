@@ -86,6 +86,7 @@ def compare(
     """
     from .blas import prefer_system_blas
     from .hub import resolve_model
+    from .intervals import clustered
     from .stats import summarize, summarize_groups
 
     t0 = time.time()
@@ -103,6 +104,7 @@ def compare(
     ref_t, q_t = cat("ref_target"), cat("quant_target")
     per_pos_cat = np.repeat(cache.chunk_category, np.diff(cache.row_offsets)).astype(np.int32)
     summary = summarize(kl, top1, ref_t, q_t)
+    summary.update(clustered(kl, np.repeat(np.arange(cache.n_chunks), np.diff(cache.row_offsets))))
     categories = summarize_groups(per_pos_cat, cache.categories, kl=kl, top1=top1, ref_target=ref_t, quant_target=q_t)
     return KldResult(
         model=name, path=str(path), exec=exec_used, reference=dict(cache.manifest["reference"]),

@@ -183,6 +183,9 @@ def _leaderboard(rows) -> list[str]:
         mean = cell(_num(s.get("mean")), f, "mean")
         if isinstance(s.get("se"), (int, float)) and not isinstance(s.get("se"), bool) and row_mean(row) is not None:
             mean += f" ± {_num(s['se'], '{:.2g}')}"
+        lo, hi = s.get("ci95_low"), s.get("ci95_high")
+        if isinstance(lo, float) and isinstance(hi, float) and math.isfinite(lo) and math.isfinite(hi):
+            mean += f" (95% CI {_num(lo)}–{_num(hi)})"
         body.append(
             [
                 str(n),

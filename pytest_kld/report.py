@@ -58,7 +58,8 @@ def result_row(result, outcome: str | None = None) -> dict:
         "max_at": result.max_at,
         "fingerprint": result.fingerprint,
         "outcome": outcome,
-        **{k: s.get(k) for k in ("mean", "se", "median", "p95", "p99", "max", "top1", "count")},
+        **{k: s.get(k) for k in ("mean", "se", "se_cluster", "ci95_low", "ci95_high", "median", "p95", "p99", "max",
+                                 "top1", "count")},
         "nonfinite": nonfinite,
         "nonfinite_share": nonfinite / total if total else 0.0,
     }
