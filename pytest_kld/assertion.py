@@ -10,7 +10,8 @@ import pytest
 from .errors import KldError
 from .thresholds import allowed_nonfinite, evaluate, nonfinite_line, validate, validate_categories
 
-JUNIT_FIGURES = ("mean", "se", "se_cluster", "ci95_low", "ci95_high", "median", "p95", "p99", "max", "top1")
+JUNIT_FIGURES = ("mean", "se", "se_cluster", "ci95_low", "ci95_high", "median", "p95", "p99", "p99_ci95_low",
+                 "p99_ci95_high", "max", "top1")
 
 
 class KldCompare:
@@ -35,19 +36,26 @@ class KldCompare:
     def compare(self, model, *, name=None, exec=None, revision=None, thresholds: dict | None = None):
         """One comparison, recorded; a KldError fails the test in one line."""
         __tracebackhide__ = True
+        result = self.run(model, name=name, exec=exec, revision=revision)
+        self.record(result, thresholds)
+        return result
+
+    def run(self, model, *, name=None, exec=None, revision=None):
+        """One comparison, not yet recorded; a KldError fails the test in one line."""
+        __tracebackhide__ = True
         from .run import compare_model
 
         label = f"comparing {name or model}"
-        result = _or_fail(lambda: compare_model(self.cache, self.settings, model, name=name, exec=exec,
-                                                revision=revision, progress=self.session.progress(label)))
-        self._record(result, thresholds)
-        return result
+        return _or_fail(lambda: compare_model(self.cache, self.settings, model, name=name, exec=exec,
+                                              revision=revision, progress=self.session.progress(label)))
 
-    def _record(self, result, thresholds: dict | None) -> None:
+    def record(self, result, thresholds: dict | None, baseline: dict | None = None) -> None:
         from .run import row
 
         r = row(result, thresholds=thresholds)
         r["nodeid"] = self.node.nodeid
+        if baseline is not None:
+            r["baseline"] = baseline
         s = result.summary
         props = [("kld_model", result.model), ("kld_reference", result.reference.get("name")),
                  ("kld_direction", "KL(reference || quant)"), ("kld_exec", result.exec)]
@@ -56,20 +64,35 @@ class KldCompare:
         props += [(f"kld_threshold_{k}", v) for k, v in (thresholds or {}).items()]
         if r.get("bpw") is not None:
             props.append(("kld_bits_per_weight", r["bpw"]))
+        if baseline is not None:
+            props.append(("kld_baseline", baseline["verdict"]))
+            for figure, f in (baseline.get("figures") or {}).items():
+                props += [(f"kld_baseline_{figure}_{k}", f[k]) for k in ("baseline", "diff", "low", "high", "allowed")]
         self.session.record(self.node, r, props)
 
 
 class AssertKld:
     """``assert_kld(model, *, mean=None, median=None, p90=None, p95=None, p99=None, p99_9=None,
-    max=None, top1=None, categories=None, nonfinite=0, name=None, exec=None, revision=None) -> KldResult``
+    max=None, top1=None, drift_match=None, drift_kld=None, categories=None, nonfinite=0, name=None,
+    exec=None, revision=None, baseline=True, baseline_fail=None) -> KldResult``
 
     Compares ``model`` with the reference and fails the test, in one message, listing every
     threshold with its observed value: KLD figures (nats, KL(reference || quant)) must be at most
     their value, top1 (the share of positions where both models' top token agree) at least its
-    value; a value equal to its threshold passes. ``categories`` maps a corpus category to its own
+    value; a value equal to its threshold passes. In drift mode (``@pytest.mark.kld(mode="drift")``),
+    ``drift_match`` is a lower bound on the mean number of tokens the quant's own greedy
+    continuation stays with the reference's, ``drift_kld`` an upper bound on the mean KLD along the
+    reference's continuation (:mod:`pytest_kld.drift`). ``categories`` maps a corpus category to its own
     thresholds, e.g. ``{"code": {"mean": 0.05}}``. More than ``nonfinite`` positions with NaN or inf
     log-probs fail the test too (a broken model). The reference is set up before the test runs (a
     missing one is a setup error).
+
+    With a baselines directory (``--kld-baselines``, or ``kld_baselines/`` under the rootdir), the
+    quant is also checked against its baseline — the slot is the test and ``name`` (or the model's
+    short name) — and fails when it is worse beyond the paired interval and beyond ``baseline_fail``
+    (``"mean:5%,p99:10%"`` by default; see :mod:`pytest_kld.regression`). A missing baseline fails,
+    naming ``--kld-update-baselines``, which records instead of checking. ``baseline=False``: this
+    call is not gated on a baseline.
     """
 
     def __init__(self, compare: KldCompare):
@@ -88,15 +111,23 @@ class AssertKld:
         p99_9=None,
         max=None,
         top1=None,
+        drift_match=None,
+        drift_kld=None,
         categories: dict | None = None,
         nonfinite: int = 0,
         name: str | None = None,
         exec: str | None = None,
         revision: str | None = None,
+        baseline: bool = True,
+        baseline_fail=None,
         **unknown,
     ):
         __tracebackhide__ = True
-        limits = dict(mean=mean, median=median, p90=p90, p95=p95, p99=p99, p99_9=p99_9, max=max, top1=top1)
+        from .regression import gate, parse_tolerance
+
+        limits = dict(mean=mean, median=median, p90=p90, p95=p95, p99=p99, p99_9=p99_9, max=max, top1=top1,
+                      drift_match=drift_match, drift_kld=drift_kld)
+        settings = self._compare.settings
 
         def checked():
             if positional:
@@ -104,13 +135,23 @@ class AssertKld:
                     "assert_kld: thresholds are keywords, e.g. assert_kld(model, mean=0.1, p99=1.0); "
                     f"got positional {', '.join(map(repr, positional))}"
                 )
+            if not isinstance(baseline, bool):
+                raise KldError(f"assert_kld: baseline={baseline!r} must be True or False")
+            spec = settings["baseline_fail"] if baseline_fail is None else baseline_fail
+            parse_tolerance(spec, "assert_kld: baseline_fail" if baseline_fail is not None else "--kld-baseline-fail")
             return validate({**limits, **unknown}), validate_categories(categories), allowed_nonfinite(
-                nonfinite, "assert_kld")
+                nonfinite, "assert_kld"), spec
 
-        thresholds, cats, allowed = _or_fail(checked)
-        result = self._compare.compare(model, name=name, exec=exec, revision=revision,
-                                       thresholds={**thresholds, "nonfinite": allowed})
-        message = evaluate(result, thresholds, cats, allowed)
+        thresholds, cats, allowed, spec = _or_fail(checked)
+        result = self._compare.run(model, name=name, exec=exec, revision=revision)
+        entry, gate_message = (None, None)
+        if baseline:
+            from .report import display_name
+
+            slot = name or display_name(str(model))
+            entry, gate_message = _or_fail(lambda: gate(settings, self._compare.node.nodeid, slot, result, spec))
+        self._compare.record(result, {**thresholds, "nonfinite": allowed}, entry)
+        message = "\n".join(m for m in (evaluate(result, thresholds, cats, allowed), gate_message) if m)
         if message:
             pytest.fail(message, pytrace=False)
         return result

@@ -2,6 +2,7 @@
 writing a test, with the same settings (from :mod:`pytest_kld.options`) and thresholds.
 
     pytest-kld compare REFERENCE QUANT [QUANT ...] [--mode short] [--mean 0.1 --p99 1.0] [--json PATH]
+                      [--baselines DIR [--update-baselines] [--baseline-fail mean:5%,p99:10%]] [--name NAME]
     pytest-kld REFERENCE QUANT ...          (the same: compare is the default command)
     pytest-kld build REFERENCE              (builds or opens the cache, prints where it is)
     pytest-kld info CACHE_DIR               (what a cache entry holds)
@@ -40,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("quants", nargs="*", help="models to compare: local MLX directories or hub ids (with "
                      "--reference-cache every positional argument is a model)")
     add_to_argparse(cmp)
+    cmp.add_argument("--name", default=None, help="the name of the one model compared: its leaderboard label and "
+                     "baseline slot (default: the model's short name)")
     bld = sub.add_parser("build", help="build (or open) the reference cache and print where it is")
     bld.add_argument("reference", help="reference: local MLX directory or hub id")
     add_to_argparse(bld)
@@ -102,8 +105,12 @@ def _open(s: dict):
 
 
 def _compare(args) -> int:
+    import os
+
     from .progress import Progress
-    from .run import compare_model, output_paths, row, write_reports
+    from .regression import gate, parse_tolerance
+    from .report import display_name
+    from .run import baselines_dir, compare_model, output_paths, row, write_reports
     from .thresholds import evaluate, validate
 
     s = _settings(args)
@@ -117,16 +124,23 @@ def _compare(args) -> int:
     thresholds = validate({k: getattr(args, k) for k in THRESHOLD_NAMES}, "pytest-kld")
     if args.nonfinite < 0:
         raise _error(f"--nonfinite {args.nonfinite}: must be at least 0")
+    if args.name is not None and len(quants) != 1:
+        raise _error(f"--name {args.name!r} names one model, but {len(quants)} are compared")
+    parse_tolerance(s["baseline_fail"], "--baseline-fail")
+    s["baselines"] = baselines_dir(s["baselines"], os.getcwd(), bool(s["update_baselines"]))
     output_paths(s, prefix="--")  # before any work
     cache = _open(s)
     rows, failed = [], 0
     for model in quants:
-        result = compare_model(cache, s, model, progress=Progress(f"comparing {model}"))
-        message = evaluate(result, thresholds, None, args.nonfinite)
+        result = compare_model(cache, s, model, name=args.name, progress=Progress(f"comparing {model}"))
+        slot = args.name or display_name(str(model))
+        entry, gate_message = gate(s, "cli", slot, result, s["baseline_fail"])
+        message = "\n".join(m for m in (evaluate(result, thresholds, None, args.nonfinite), gate_message) if m)
         if message:
             print(f"pytest-kld: {message}", file=sys.stderr)
             failed += 1
-        rows.append(row(result, "failed" if message else "passed", {**thresholds, "nonfinite": args.nonfinite}))
+        r = row(result, "failed" if message else "passed", {**thresholds, "nonfinite": args.nonfinite})
+        rows.append(dict(r, baseline=entry) if entry else r)
     from .report import header_line, leaderboard_lines
     from .run import unique_rows
 

@@ -42,6 +42,7 @@ class KldResult:
     ref_target: np.ndarray | None = None  # float64 [N] log p_ref(next token)
     quant_target: np.ndarray | None = None  # float64 [N] log p_quant(next token)
     chunk_category: np.ndarray | None = None  # int32 [N] category index of each position
+    chunk: np.ndarray | None = None  # int32 [N] chunk (prompt) index of each position: the cluster
     max_at: dict | None = None  # where the largest KL sits (chunk, position, token, next_token)
 
     @property
@@ -95,7 +96,7 @@ def compare(
     fp, is_reference = _identify(cache, path, full_hash)
     settings = cache.manifest["settings"]
     ct = settings["chunk_tokens"] if chunk_tokens is None else chunk_tokens
-    parts, exec_used = _run(cache, path, name, exec or settings["exec"], ct, trust_remote_code, progress)
+    parts, exec_used, followed = _run(cache, path, name, exec or settings["exec"], ct, trust_remote_code, progress)
 
     def cat(attr):
         return np.concatenate([getattr(p, attr) for p in parts]) if parts else np.zeros(0)
@@ -103,15 +104,22 @@ def compare(
     kl, top1 = cat("kl"), cat("top1").astype(bool)
     ref_t, q_t = cat("ref_target"), cat("quant_target")
     per_pos_cat = np.repeat(cache.chunk_category, np.diff(cache.row_offsets)).astype(np.int32)
+    per_pos_chunk = np.repeat(np.arange(cache.n_chunks), np.diff(cache.row_offsets)).astype(np.int32)
     summary = summarize(kl, top1, ref_t, q_t)
-    summary.update(clustered(kl, np.repeat(np.arange(cache.n_chunks), np.diff(cache.row_offsets))))
+    summary.update(clustered(kl, per_pos_chunk))
+    if followed is not None:
+        from .drift import summarize as drift_summary
+
+        summary.update(drift_summary(kl, cache, followed, int(cache.manifest["corpus"].get("drift_tokens") or 0)))
     categories = summarize_groups(per_pos_cat, cache.categories, kl=kl, top1=top1, ref_target=ref_t, quant_target=q_t)
     return KldResult(
         model=name, path=str(path), exec=exec_used, reference=dict(cache.manifest["reference"]),
         settings={**settings, "corpus": cache.manifest.get("corpus", {}), "blas": prefer_system_blas(),
-                  "estimator": ESTIMATOR, "cache": {"key": cache.manifest.get("key"), "path": str(cache.path)}},
+                  "estimator": ESTIMATOR, "cache": {"key": cache.manifest.get("key"), "path": str(cache.path),
+                            "key_material": cache.manifest.get("key_material")}},
         summary=summary, categories=categories, info=_info(path), fingerprint=fp, is_reference=is_reference,
         seconds=time.time() - t0, kl=kl, top1=top1, ref_target=ref_t, quant_target=q_t, chunk_category=per_pos_cat,
+        chunk=per_pos_chunk,
         max_at=cache.position_of(summary["argmax"]) if summary.get("argmax") is not None else None,
     )
 
@@ -152,7 +160,12 @@ def _run(cache: ReferenceCache, path, name: str, exec_mode: str, chunk_tokens, t
             for i, row, lq in iter_corpus_logprobs(lm.model, chunks, ranges, chunk_tokens=chunk_tokens,
                                                    vocab=vocab, progress=progress)
         ]
-        return parts, lm.exec
+        followed = None
+        if (cache.manifest.get("corpus") or {}).get("mode") == "drift":  # its own greedy continuations
+            from .drift import follow
+
+            followed = follow(lm.model, cache)
+        return parts, lm.exec, followed
     finally:
         lm.release()
 

@@ -65,8 +65,8 @@ __all__ = [
 # Bump when any rule that changes token ids or scored positions changes: it is part of the key.
 FORMAT_VERSION = 1
 
-MODES = ("short", "long", "file")
-DEFAULT_N_CTX = {"short": 512, "long": 2048, "file": 512}
+MODES = ("short", "long", "file", "drift")
+DEFAULT_N_CTX = {"short": 512, "long": 2048, "file": 512, "drift": 512}
 DEFAULT_N_CHUNKS_LONG = 32
 DEFAULT_SCORE_OFFSET = 8
 
@@ -99,6 +99,7 @@ class CorpusSpec:
     score_offset: int  # records: first output position that may be scored; document: first
     chat_template: bool  # records only (False for documents: it changes nothing there)
     default_category: str
+    drift_tokens: int = 0  # drift mode: tokens the reference generates per prompt (pytest_kld.drift)
 
     def key_dict(self) -> dict:
         """JSON-able; everything that changes the token ids or the scored positions."""
@@ -113,6 +114,7 @@ class CorpusSpec:
             "score_offset": self.score_offset,
             "chat_template": self.chat_template,
             "category": self.default_category,
+            **({"drift_tokens": self.drift_tokens} if self.mode == "drift" else {}),
         }
 
 
@@ -146,6 +148,7 @@ def corpus_spec(
     category: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     local_files_only: bool | None = None,
+    drift_tokens: int | None = None,
 ) -> CorpusSpec:
     """Validate the settings and locate (and hash) the source; no tokenizer needed.
 
@@ -169,6 +172,10 @@ def corpus_spec(
         dataset = None
     if dataset is not None and mode == "short":
         mode = "file"
+    if mode == "drift":
+        from .drift import DEFAULT_TOKENS
+
+        drift_tokens = _positive_int("drift_tokens", DEFAULT_TOKENS if drift_tokens is None else drift_tokens)
     if mode == "file" and dataset is None:
         raise CorpusError("corpus mode 'file' needs a dataset: pass --kld-dataset PATH")
     if not isinstance(chat_template, bool):
@@ -185,7 +192,7 @@ def corpus_spec(
     if kind == "document":
         chat_template = False
     if category is None:
-        category = {"short": "prompt", "long": "wikitext", "file": "file"}[mode]
+        category = {"short": "prompt", "long": "wikitext", "file": "file", "drift": "prompt"}[mode]
     elif not isinstance(category, str) or not category.strip():
         raise CorpusError(f"category must be a non-empty string, got {category!r}")
 
@@ -201,6 +208,7 @@ def corpus_spec(
         score_offset=score_offset,
         chat_template=chat_template,
         default_category=category,
+        drift_tokens=int(drift_tokens or 0) if mode == "drift" else 0,
     )
 
 
@@ -209,7 +217,7 @@ def _locate_source(mode: str, dataset, cache_dir, local_files_only) -> tuple[Pat
     WikiText-2 from the hub cache (downloaded if allowed)."""
     if dataset is not None:
         return _dataset_source(mode, Path(dataset).expanduser())
-    if mode == "short":
+    if mode in ("short", "drift"):
         path = _bundled_prompts()
         if not path.is_file():
             raise CorpusError(
@@ -244,6 +252,9 @@ def _dataset_source(mode: str, path: Path) -> tuple[Path, str, str, str]:
                 "use --kld-mode short (file) for a .jsonl of records"
             )
         return path.resolve(), "wikitext-parquet" if fmt == "parquet" else fmt, "document", str(path)
+    if mode == "drift" and fmt == "txt":
+        raise CorpusError(f"{path}: drift mode reads prompts (.jsonl or .parquet records with a prompt); "
+                          "a .txt document has none")
     return path.resolve(), fmt, "document" if fmt == "txt" else "records", str(path)
 
 

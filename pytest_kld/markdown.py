@@ -84,6 +84,10 @@ def _mb(v) -> str:
     return _num(v / 1e6, "{:.1f}") if isinstance(v, (int, float)) else "-"
 
 
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def _result(row: dict) -> str:
     if row.get("is_reference"):
         return "reference"
@@ -165,6 +169,9 @@ def _leaderboard(rows) -> list[str]:
     broken = any(nonfinite(r) for r in rows)
     if broken:
         headings.insert(-1, "non-finite")
+    with_baseline = any(r.get("baseline") for r in rows)
+    if with_baseline:
+        headings.insert(-1, "vs baseline")
     body = []
     flat = [_flat(r) for r in rows]
     best = {k: best_value(flat, k, better) for k, better in _MARKED.items()}
@@ -181,8 +188,9 @@ def _leaderboard(rows) -> list[str]:
         s = row_summary(row)
         count = s.get("count")
         mean = cell(_num(s.get("mean")), f, "mean")
-        if isinstance(s.get("se"), (int, float)) and not isinstance(s.get("se"), bool) and row_mean(row) is not None:
-            mean += f" ± {_num(s['se'], '{:.2g}')}"
+        se = s.get("se_cluster") if _finite(s.get("se_cluster")) else s.get("se")  # clustered by chunk if known
+        if _finite(se) and row_mean(row) is not None:
+            mean += f" ± {_num(se, '{:.2g}')}"
         lo, hi = s.get("ci95_low"), s.get("ci95_high")
         if isinstance(lo, float) and isinstance(hi, float) and math.isfinite(lo) and math.isfinite(hi):
             mean += f" (95% CI {_num(lo)}–{_num(hi)})"
@@ -202,21 +210,44 @@ def _leaderboard(rows) -> list[str]:
                 cell(_pct(s.get("top1")), f, "top1"),
                 str(int(count)) if isinstance(count, (int, float)) else "-",
                 *([nonfinite_text(row)] if broken else []),
+                *([_esc((row.get("baseline") or {}).get("verdict") or "-")] if with_baseline else []),
                 _result(row),
             ]
         )
     out += _table(headings, body, right=set(range(len(headings) - 1)) - {1, 2})
     out.append("")
-    out.append(
+    out.append(_legend(broken, with_baseline))
+    out.append("")
+    out += _neighbours(rows)
+    return out
+
+
+def _legend(broken: bool, with_baseline: bool) -> str:
+    return (
         f"{_esc(DIRECTION)} in nats per scored position, weighted by the reference's probabilities; "
         "lower is better. **Bold**: best in its column, the reference excluded. "
         "mean/bit: mean KLD / bits per weight. top-1: positions where both models rank the same "
-        "token first. bits/w: every tensor's bytes × 8 / parameters of the unquantised model."
+        "token first. bits/w: every tensor's bytes × 8 / parameters of the unquantised model. "
+        "± and 95% CI: of the mean, clustered by chunk (positions in a chunk are not independent)."
+        + (" vs baseline: paired against the quant's recorded baseline; worse fails only beyond noise and "
+           "tolerance." if with_baseline else "")
         + (f" {NONFINITE_NOTE[0].upper()}{NONFINITE_NOTE[1:]}." if broken else "")
     )
-    out.append("")
 
-    return out
+
+def _neighbours(rows) -> list[str]:
+    """The paired difference of each row's mean from the row above, when both were measured on
+    the same positions: told apart, or not."""
+    from .regression import neighbours
+
+    pairs = neighbours(rows)
+    if not pairs:
+        return []
+    out = ["| model | row above | paired Δ mean | 95% CI | |", "|:---|:---|---:|---:|:---|"]
+    for i, d in pairs.items():
+        out.append(f"| {_esc(rows[i].get('model', '?'))} | {_esc(d['above'] or '?')} | {d['diff']:+.5f} | "
+                   f"{d['low']:+.5f} – {d['high']:+.5f} | {'told apart' if d['apart'] else '≈ cannot be told apart'} |")
+    return [*out, ""]
 
 
 def _quant_table(rows) -> list[str]:

@@ -49,9 +49,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("reference-cache", str, None, "a reference cache made elsewhere: an entry directory, a directory of "
            "exported entries, or a hub dataset repo id (REPO or REPO@REVISION); no reference weights are read",
            marker=True),
-    Option("mode", str, "short", "corpus: short (bundled prompts), long (WikiText-2) or file (--kld-dataset)",
-           choices=("short", "long", "file"), marker=True),
+    Option("mode", str, "short", "corpus: short (bundled prompts), long (WikiText-2), file (--kld-dataset) or "
+           "drift (the quant's own greedy continuations against the reference's)",
+           choices=("short", "long", "file", "drift"), marker=True),
     Option("dataset", str, None, "a .txt, .jsonl or .parquet corpus file (sets mode to file)", marker=True),
+    Option("drift-tokens", int, 64, "drift mode: tokens the reference generates greedily per prompt", minimum=1,
+           marker=True),
     Option("top-k", int, 256, "log-probs kept per scored position in the reference cache", minimum=1, marker=True),
     Option("n-ctx", int, None, "tokens per chunk", minimum=2, marker=True,
            default_text="by mode: short 512, long 2048, file 512"),
@@ -73,6 +76,14 @@ OPTIONS: tuple[Option, ...] = (
     Option("trust-remote-code", bool, False, "allow models whose config names custom Python code"),
     Option("allow-shared-cache", bool, False, "use a cache directory that other users can write (they could "
            "plant entries)"),
+    Option("baselines", str, None, "directory of the quants' recorded baselines: with it, each assert_kld also "
+           "checks its quant against its baseline (paired, beyond noise and the baseline-fail tolerance)",
+           default_text="<rootdir>/kld_baselines when that directory exists"),
+    Option("update-baselines", bool, False, "record each assert_kld's result as its baseline (atomically), "
+           "instead of checking against it"),
+    Option("baseline-fail", str, "mean:5%,p99:10%", "how much worse than its baseline a quant may be, beyond "
+           "noise, before it fails: FIGURE:VALUE[%],... (figures mean, median, p90, p95, p99, p99_9; "
+           "%: relative, else nats)", marker=True),
     Option("full-hash", bool, False, "fingerprint weights by their full contents (sha256-full), not headers, sizes "
            "and a 4 MiB sample per file (sha256-sample, which can miss an edit of a few bytes); reads every byte"),
 )
@@ -96,6 +107,9 @@ THRESHOLDS: tuple[Threshold, ...] = (
     Threshold("p99_9", "upper", "99.9th percentile of KLD"),
     Threshold("max", "upper", "largest KLD at any position"),
     Threshold("top1", "lower", "share of positions where both models' most likely token agree (0..1)"),
+    Threshold("drift_match", "lower", "drift mode: mean number of generated tokens before the quant's own greedy "
+              "continuation leaves the reference's (ties forgiven)"),
+    Threshold("drift_kld", "upper", "drift mode: mean KLD along the reference's continuation"),
 )
 THRESHOLD_NAMES = tuple(t.name for t in THRESHOLDS)
 NONFINITE_HELP = "positions with NaN or inf log-probs a model may have before it fails"
@@ -147,13 +161,14 @@ def add_to_argparse(ap) -> None:
     for o in OPTIONS:
         if o.name == "reference":
             continue  # a positional argument of its own
-        text = f"{o.help} (default: {o.shown_default})"
+        text = f"{o.help} (default: {o.shown_default})".replace("%", "%%")  # argparse formats help with %
         if o.kind is bool:
             ap.add_argument(f"--{o.name}", dest=o.dest, action="store_true", default=False, help=text)
         else:
             ap.add_argument(f"--{o.name}", dest=o.dest, type=o.kind, default=o.default, metavar=o.metavar,
                             choices=o.choices or None, help=text)
     for t in THRESHOLDS:
-        ap.add_argument(f"--{t.name.replace('_', '.')}", dest=t.name, type=float, default=None, metavar="X",
+        flag = t.name.replace("_", ".") if t.name.startswith("p") else t.name.replace("_", "-")  # --p99.9
+        ap.add_argument(f"--{flag}", dest=t.name, type=float, default=None, metavar="X",
                         help=f"fail (exit 1) when {t.help} is {'above' if t.bound == 'upper' else 'below'} X")
     ap.add_argument("--nonfinite", type=int, default=0, metavar="N", help=f"{NONFINITE_HELP} (default: 0)")

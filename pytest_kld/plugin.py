@@ -30,11 +30,17 @@ def pytest_addoption(parser):
         key = f"kld_{o.dest}"
         text = f"{o.help} (default: {o.shown_default}); ini: {key}"
         if o.kind is bool:
-            group.addoption(f"--kld-{o.name}", dest=key, action="store_true", default=None, help=text)
+            group.addoption(f"--kld-{o.name}", dest=key, action="store_true", default=None, help=_escaped(text))
             parser.addini(key, text, type="bool", default=False)
         else:
-            group.addoption(f"--kld-{o.name}", dest=key, type=o.kind, default=None, metavar=o.metavar, help=text)
+            group.addoption(f"--kld-{o.name}", dest=key, type=o.kind, default=None, metavar=o.metavar,
+                            help=_escaped(text))
             parser.addini(key, text, type=_INI_INT if o.kind is int else None, default=None)
+
+
+def _escaped(text: str) -> str:
+    """argparse formats help with %: a literal percent sign is written %%."""
+    return text.replace("%", "%%")
 
 
 def _setting(config, o):
@@ -66,12 +72,17 @@ def pytest_configure(config):
         why = check(o.dest, settings[o.dest], f"--kld-{o.name}")
         if why:
             raise pytest.UsageError(why)
-    from .run import output_paths
+    from .regression import parse_tolerance
+    from .run import baselines_dir, output_paths
 
     try:
         output_paths(settings)
+        parse_tolerance(settings["baseline_fail"])
     except KldError as e:
         raise pytest.UsageError(str(e)) from None
+    given = config.getoption("kld_baselines", default=None)
+    root = config.invocation_params.dir if given else (config.inipath.parent if config.inipath else config.rootpath)
+    settings["baselines"] = baselines_dir(settings["baselines"], root, bool(settings["update_baselines"]))
     workerinput = getattr(config, "workerinput", None)
     start = float(workerinput["kld_session_start"]) if workerinput and "kld_session_start" in workerinput else time.time()
     session = KldSession(config, settings, start)
@@ -161,8 +172,9 @@ def kld_compare(request, kld_session):
 
 @pytest.fixture
 def assert_kld(kld_compare):
-    """``assert_kld(model, *, mean, median, p90, p95, p99, p99_9, max, top1, categories, nonfinite,
-    name, exec) -> KldResult``: compare and fail on any threshold, in one message. See
+    """``assert_kld(model, *, mean, median, p90, p95, p99, p99_9, max, top1, drift_match, drift_kld,
+    categories, nonfinite, name, exec, revision, baseline, baseline_fail) -> KldResult``: compare and
+    fail on any threshold, or on a regression against the quant's baseline, in one message. See
     :class:`~pytest_kld.assertion.AssertKld`."""
     from .assertion import AssertKld
 

@@ -42,7 +42,12 @@ def reference_pass(path, corpus_spec, *, top_k: int, chunk_tokens, exec_mode: st
     t0 = time.time()
     lm = load_model(path, exec_mode, trust_remote_code=trust_remote_code)
     tok = lm.tokenizer
-    corpus = tokenize_corpus(corpus_spec, tok)
+    if corpus_spec.mode == "drift":  # the reference writes the text: its greedy continuations
+        from .drift import reference_corpus
+
+        corpus = reference_corpus(lm.model, tok, corpus_spec, _generating(progress))
+    else:
+        corpus = tokenize_corpus(corpus_spec, tok)
     chunks = [np.asarray(c, dtype=np.int32) for c in corpus.chunks]
     ranges = [(int(s), int(e)) for s, e in corpus.score_ranges]
     for i, (c, (s, e)) in enumerate(zip(chunks, ranges)):
@@ -79,6 +84,19 @@ def reference_pass(path, corpus_spec, *, top_k: int, chunk_tokens, exec_mode: st
         "versions": _versions(),
         "blas": _blas(),
     }
+
+
+def _generating(progress):
+    """Drift mode: a line when the reference starts and ends continuing the prompts."""
+    say = getattr(progress, "say", None)
+    if say is None:
+        return None
+
+    def tell(done: int, total: int) -> None:
+        if done in (1, total):
+            say(f"pytest-kld: drift: the reference continued {done}/{total} prompts greedily")
+
+    return tell
 
 
 def _sparse_records(model, chunks, ranges, k: int, vocab: int, chunk_tokens, progress, name: str) -> dict:

@@ -15,7 +15,7 @@ COLUMNS = [
     ("size_mb", "size MB", "{:.1f}", "low"),
     ("bpw", "bits/w", "{:.3f}", "low"),
     ("mean", "mean", "{:.5f}", "low"),
-    ("se", "± se", "{:.5f}", None),
+    ("ci_text", "95% CI", "{}", None),
     ("mean_per_bit", "mean/bit", "{:.5f}", "low"),
     ("median", "median", "{:.5f}", "low"),
     ("p95", "P95", "{:.4f}", "low"),
@@ -129,6 +129,7 @@ def leaderboard_lines(
     broken = any(nonfinite(r) for r in rows)
     if broken:
         columns.insert(-1, ("nonfinite_text", "non-finite", "{}", None))
+    pairs, notes = _paired_columns(rows, columns)
     # Rows measured with different settings (a marker's K, mode...) say which, after the name.
     varying = [(k, h) for k, h in VARIES if len({str(r.get(k)) for r in rows}) > 1]
     for r in rows:
@@ -141,6 +142,7 @@ def leaderboard_lines(
         elif nonfinite(r) and r.get("outcome") != "passed":
             r["result"] = "FAIL: non-finite" if r.get("outcome") == "failed" else "non-finite"
         r["nonfinite_text"] = nonfinite_text(r)
+        r["ci_text"] = ci_text(r)
     best = {k: best_value(rows, k, b) for k, _, _, b in columns if b}
     table = [[h for _, h, _, _ in columns]]
     for r in rows:
@@ -160,13 +162,49 @@ def leaderboard_lines(
         if j == 0:
             out.append("  ".join("-" * w for w in widths))
     out.append(f"* best in column (reference excluded). KLD: nats, {DIRECTION}, lower is better. mean/bit = mean / bits/w")
+    out.extend(notes)
     if broken:
         out.append(NONFINITE_NOTE)
+    if pairs:
+        from .regression import neighbour_lines
+
+        out.extend(neighbour_lines(rows, pairs))
+    from .drift import lines as drift_lines
+
+    out.extend(drift_lines(rows))
     if quant:
         out.extend(quant_lines(rows, width=width))
     if by_category:
         out.extend(category_lines(rows))
     return out
+
+
+def _paired_columns(rows: list[dict], columns: list) -> tuple[dict, list[str]]:
+    """Add the "vs above" (paired difference from the neighbour above) and "vs baseline" columns
+    where they have something to say: (the neighbour pairs, the legend's lines)."""
+    from .regression import neighbour_text, neighbours
+
+    pairs = neighbours(rows)
+    notes = ["95% CI: of the mean, chunks resampled (positions in a chunk are not independent)"]
+    if pairs:
+        columns.insert(columns.index(("ci_text", "95% CI", "{}", None)) + 1, ("vs_above", "vs above", "{}", None))
+        notes[0] += "; vs above: paired difference from the row above, ≈ cannot be told apart"
+    for i, d in pairs.items():
+        rows[i]["vs_above"] = neighbour_text(d, rows[i - 1].get("mean"))
+    if any(r.get("baseline") for r in rows):
+        columns.insert(-1, ("vs_baseline", "vs baseline", "{}", None))
+        notes.append("vs baseline: paired against the recorded baseline; worse fails only beyond noise and tolerance")
+        for r in rows:
+            r["vs_baseline"] = (r.get("baseline") or {}).get("verdict")
+    return pairs, notes
+
+
+def ci_text(r: dict) -> str | None:
+    """``0.4012-0.4433``: the clustered 95% interval of the mean, or None without one."""
+    lo, hi = r.get("ci95_low"), r.get("ci95_high")
+    if isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and math.isfinite(lo) and math.isfinite(hi):
+        return f"{lo:.5f}-{hi:.5f}"
+    return None
 
 
 def _sort_mean(r):

@@ -36,6 +36,7 @@ def corpus_for(s: dict):
         n_ctx=s.get("n_ctx"),
         n_chunks=s.get("n_chunks"),
         chat_template=not s.get("no_chat_template"),
+        drift_tokens=s.get("drift_tokens") if s["mode"] == "drift" else None,
     )
 
 
@@ -152,10 +153,24 @@ def row(result, outcome: str | None = None, thresholds: dict | None = None) -> d
         "tokenizer_fingerprint": ref.get("tokenizer_fingerprint"),
         "corpus_sha256": corpus.get("token_sha256"),
     }
+    if result.kl is not None and result.chunk is not None:
+        r["chunks"] = chunk_sums(result.kl, result.chunk)
     if thresholds:
         r["thresholds"] = thresholds
         r["margins"] = margins(r, thresholds)
     return r
+
+
+def chunk_sums(kl, chunk) -> dict:
+    """``{"sum": [...], "count": [...]}`` of the finite per-position KL by chunk: what a paired
+    comparison of two rows' means needs (:func:`pytest_kld.regression.neighbours`)."""
+    import numpy as np
+
+    kl, chunk = np.asarray(kl, dtype=np.float64), np.asarray(chunk)
+    ok = np.isfinite(kl)
+    g = int(chunk.max()) + 1 if chunk.size else 0
+    return {"sum": np.bincount(chunk[ok], weights=kl[ok], minlength=g).tolist(),
+            "count": np.bincount(chunk[ok], minlength=g).tolist()}
 
 
 def margins(r: dict, thresholds: dict) -> dict:
@@ -182,6 +197,17 @@ def unique_rows(rows: list[dict]) -> list[dict]:
             out[key] = r
     return sorted(out.values(), key=lambda r: tuple(str(v) for v in (r.get("model"), r.get("path"), r.get("mode"),
                                                                        r.get("top_k"), r.get("exec"))))
+
+
+def baselines_dir(given, root, update: bool) -> str | None:
+    """The baselines directory a run uses, absolute, or None when baselines are off: ``given``
+    (relative to ``root``), else ``<root>/kld_baselines`` when it exists or is to be written."""
+    from .baselines import DEFAULT_DIR
+
+    if given:
+        return str((Path(root) / os.path.expanduser(str(given))).resolve())
+    default = Path(root) / DEFAULT_DIR
+    return str(default.resolve()) if update or default.is_dir() else None
 
 
 def output_paths(s: dict, prefix: str = "--kld-") -> None:

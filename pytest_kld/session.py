@@ -53,7 +53,7 @@ class KldSession:
             raise NoReference()
         key = tuple(str(s.get(k)) for k in ("reference", "reference_cache", "revision", "mode", "dataset", "n_ctx", "n_chunks",
                                              "no_chat_template", "top_k", "chunk_tokens", "exec", "cache_dir",
-                                             "full_hash"))
+                                             "full_hash", "drift_tokens"))
         if key not in self.caches:
             out = self.writer()
             label = f"building reference cache {s.get('reference')} [{s['mode']}]"
@@ -129,6 +129,10 @@ class KldSession:
             tr.write_line(header_line(self.final_rows))
             for line in leaderboard_lines(self.final_rows, by_category=bool(self.settings.get("by_category"))):
                 tr.write_line(line)
+            recorded = [r for r in self.final_rows if (r.get("baseline") or {}).get("verdict") == "recorded"]
+            if recorded:
+                tr.write_line(f"pytest-kld: {len(recorded)} baseline(s) recorded under {self.settings.get('baselines')}; "
+                              "commit them, and later runs gate each quant against its own")
             if self.report_error:
                 tr.write_line(self.report_error, red=True)
         except Exception as e:  # never raise in the summary

@@ -83,7 +83,11 @@ def _check(summary: dict, limits: dict, where: str, lines: list[str]) -> int:
     broken = 0
     for key, allowed in limits.items():
         got = summary.get(key)
-        if got is None or (isinstance(got, float) and math.isnan(got)):
+        if got is None and key.startswith("drift"):
+            broken += 1
+            lines.append(f"{where}{key}: measured only in drift mode (--kld-mode=drift, or "
+                         "@pytest.mark.kld(mode='drift'))  FAILED")
+        elif got is None or (isinstance(got, float) and math.isnan(got)):
             broken += 1
             lines.append(f"{where}{key}: no value (no finite positions); allowed {allowed:.6g}  FAILED")
         elif _BOUND[key] == "lower":

@@ -22,7 +22,6 @@ from pytest_kld.report import (
     category_lines,
     leaderboard_lines,
     quant_lines,
-    result_row,
 )
 
 SETTINGS = Settings(top_k=64, chunk_tokens=64)
@@ -229,6 +228,7 @@ def rows(tiny_model, prose_file, tmp_path_factory):
     from tiny import quantize
 
     from pytest_kld.corpus import corpus_spec
+    from pytest_kld.run import row
 
     spec = corpus_spec("file", dataset=str(prose_file), n_ctx=128, n_chunks=3)
 
@@ -237,11 +237,11 @@ def rows(tiny_model, prose_file, tmp_path_factory):
     out = []
     for arch in ("llama", "qwen3_5", "qwen3_5_moe"):
         cache = ensure_reference(tiny_model(arch), spec, SETTINGS, cache_dir=cache_dir)
-        out.append(result_row(compare(cache, tiny_model(arch)), "passed"))
+        out.append(row(compare(cache, tiny_model(arch)), "passed"))
         for name, (a, kw) in QUANTS.items():
             if a == arch:
                 path = quantize(tiny_model(arch), root / name, group_size=64, **kw)
-                out.append(result_row(compare(cache, path), "passed"))
+                out.append(row(compare(cache, path), "passed"))
     return out
 
 
@@ -325,21 +325,23 @@ def test_leaderboard_marks_and_mean_per_bit(rows):
     llama = by_arch(rows, "llama")
     lines = leaderboard_lines(llama, quant=False)
     head = _cells(lines[0])
-    assert head[:7] == ["model", "size", "MB", "bits/w", "mean", "±", "se"]
+    assert head[:10] == ["model", "size", "MB", "bits/w", "mean", "95%", "CI", "vs", "above", "mean/bit"]
     table = {c[0]: c for c in map(_cells, lines[2 : 2 + len(llama)])}
-    # columns after the name: size, bpw, mean, se, mean/bit, median, p95, p99, max, top1, result
+    # columns after the name: size, bpw, mean, 95% CI, vs above, mean/bit, median, p95, p99, max, top1, result
     ref = table["llama"]
     assert not any(c.endswith("*") for c in ref), ref
-    assert ref[-1] == "reference" and float(ref[3]) == 0.0 and ref[10] == "100.00%"
+    assert ref[-1] == "reference" and float(ref[3]) == 0.0 and ref[11] == "100.00%"
     by = {r["model"]: r for r in llama}
     for name, r in by.items():
         if r["is_reference"]:
             continue
         assert r["mean_per_bit"] == pytest.approx(r["mean"] / r["info"]["bits_per_weight"], rel=1e-12)
-        assert float(table[name][5].rstrip("*")) == pytest.approx(r["mean_per_bit"], abs=6e-6)
+        assert float(table[name][6].rstrip("*")) == pytest.approx(r["mean_per_bit"], abs=6e-6)
+        low, high = (float(x) for x in table[name][4].split("-"))
+        assert low <= r["mean"] <= high  # the clustered 95% interval of the mean
     quants = [r for r in llama if not r["is_reference"]]
-    for col, key, pick in ((3, "mean", min), (5, "mean_per_bit", min), (10, "top1", max),
-                           (2, "bpw", min), (1, "size_mb", min), (9, "max", min)):
+    for col, key, pick in ((3, "mean", min), (6, "mean_per_bit", min), (11, "top1", max),
+                           (2, "bpw", min), (1, "size_mb", min), (10, "max", min)):
         best = pick(quants, key=lambda r: r[key])["model"]
         marked = [n for n, c in table.items() if c[col].endswith("*")]
         assert marked == [best], (key, marked, best)

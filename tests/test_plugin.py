@@ -273,8 +273,9 @@ def test_thresholds_gate_the_exit_code_and_explain_themselves(pytester, models, 
     lines = out.splitlines()
     q8 = lines[line_index(lines, r"^llama-q8-g64 ")].split()
     q4 = lines[line_index(lines, r"^llama-q4-g64 ")].split()
-    # columns: model size bpw mean se mean/bit median p95 p99 max top1 result
-    assert all(c.endswith("*") for c in (q8[3], q8[5], q8[6], q8[7], q8[8], q8[9], q8[10]))
+    # columns: model size bpw mean 95%-CI vs-above mean/bit median p95 p99 max top1 result
+    assert all(c.endswith("*") for c in (q8[3], q8[6], q8[7], q8[8], q8[9], q8[10], q8[11]))
+    assert q8[5] == "-" and q4[5].startswith("+")  # q4 is told apart from q8, paired
     assert q4[2].endswith("*") and not q4[3].endswith("*")  # fewer bits, worse KLD
     assert float(q8[2]) > 8 > float(q4[2].rstrip("*")) > 4
     header = lines[line_index(lines, r"^KL\(reference \|\| quant\)  reference")]
@@ -507,7 +508,7 @@ def test_marker_overrides_settings_per_test(pytester, models):
     result.stdout.fnmatch_lines(
         [
             "*ERROR at setup of test_unknown_key*",
-            literal("@pytest.mark.kld: unknown setting(s) topk; known: chunk_tokens, dataset, exec, mode, *top_k"),
+            literal("@pytest.mark.kld: unknown setting(s) topk; known: baseline_fail, chunk_tokens, dataset, exec, mode, *top_k"),
             "*ERROR at setup of test_bad_value*",
             "@pytest.mark.kld: top_k='many' must be an integer of at least 1",
             "*ERROR at setup of test_bad_choice*",
