@@ -69,6 +69,7 @@ MODES = ("short", "long", "file", "drift")
 DEFAULT_N_CTX = {"short": 512, "long": 2048, "file": 512, "drift": 512}
 DEFAULT_N_CHUNKS_LONG = 32
 DEFAULT_SCORE_OFFSET = 8
+DEFAULT_DRIFT_TOKENS = 64  # drift mode: tokens the reference generates per prompt (pytest_kld.drift)
 
 PROMPTS_FILE = "prompts.jsonl"
 _FILE_FORMATS = {".txt": "txt", ".raw": "txt", ".jsonl": "jsonl", ".parquet": "parquet"}
@@ -173,9 +174,7 @@ def corpus_spec(
     if dataset is not None and mode == "short":
         mode = "file"
     if mode == "drift":
-        from .drift import DEFAULT_TOKENS
-
-        drift_tokens = _positive_int("drift_tokens", DEFAULT_TOKENS if drift_tokens is None else drift_tokens)
+        drift_tokens = _positive_int("drift_tokens", DEFAULT_DRIFT_TOKENS if drift_tokens is None else drift_tokens)
     if mode == "file" and dataset is None:
         raise CorpusError("corpus mode 'file' needs a dataset: pass --kld-dataset PATH")
     if not isinstance(chat_template, bool):

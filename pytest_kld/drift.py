@@ -28,7 +28,8 @@ import math
 
 import numpy as np
 
-DEFAULT_TOKENS = 64
+from .corpus import DEFAULT_DRIFT_TOKENS as DEFAULT_TOKENS  # noqa: F401  (the one default)
+
 TIE_NATS = 1e-3  # reference top-2 log-probs closer than this: a differing greedy pick is a tie
 BUCKETS = ("early", "middle", "late")
 
@@ -182,3 +183,20 @@ def _fmt(fmt: str, v) -> str:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "-"
     return fmt.format(v)
+
+
+def markdown_lines(rows: list[dict]) -> list[str]:
+    """The generation-drift table for the Markdown summary, or nothing."""
+    drift = [r for r in rows if (r.get("summary") or {}).get("drift_match") is not None]
+    if not drift:
+        return []
+    n = (drift[0].get("summary") or {}).get("drift_tokens")
+    out = [f"**Generation drift** (greedy, up to {n} tokens per prompt; match: tokens before the quant's own "
+           f"continuation leaves the reference's, ties within {TIE_NATS:g} nats forgiven; strict: not; "
+           "KLD: KL(reference \\|\\| quant) along the reference's continuation)", "",
+           "| model | " + " | ".join(h for _, h, _ in COLUMNS) + " |", "|:---|" + "---:|" * len(COLUMNS)]
+    for r in drift:
+        s = r["summary"]
+        name = str(r.get("model")).replace("|", "\\|")
+        out.append(f"| {name} | " + " | ".join(_fmt(f, s.get(k)) for k, _, f in COLUMNS) + " |")
+    return [*out, ""]

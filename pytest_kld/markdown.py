@@ -157,6 +157,9 @@ def markdown(rows, header: dict | None = None) -> str:
         out.append("")
 
     out += _leaderboard(rows)
+    from .drift import markdown_lines as drift_lines
+
+    out += drift_lines(rows)
     out += _category_table(rows)
     out += _quant_table(rows)
     return "\n".join(out) + "\n"

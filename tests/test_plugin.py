@@ -133,7 +133,8 @@ def test_help_shows_every_option_with_its_default(pytester, monkeypatch):
             flag = o.name if o.kind is bool else f"{o.name} {o.metavar}"
             assert re.search(rf"--{re.escape(flag)} (?:(?! --).)*?{default}", cli_flat), f"pytest-kld --help: --{o.name}"
     for t in THRESHOLD_NAMES:
-        assert f"--{t.replace('_', '.')} X" in cli_flat
+        flag = t.replace("_", ".") if t.startswith("p") else t.replace("_", "-")  # --p99.9, --drift-match
+        assert f"--{flag} X" in cli_flat
     out = result.stdout.str()
     for key in ("kld_reference", "kld_mode", "kld_top_k", "kld_n_ctx", "kld_chunk_tokens",
                 "kld_cache_dir", "kld_rebuild", "kld_json", "kld_exec"):
@@ -185,7 +186,7 @@ def test_ini_keys_are_read_and_the_option_wins(pytester, style):
 @pytest.mark.parametrize(
     "args, ini, message",
     [
-        (["--kld-mode=bogus"], "", "*--kld-mode 'bogus': choose short, long or file*"),
+        (["--kld-mode=bogus"], "", "*--kld-mode 'bogus': choose short, long, file or drift*"),
         (["--kld-top-k=0"], "", "*--kld-top-k must be at least 1, got 0*"),
         (["--kld-top-k=many"], "", "*--kld-top-k: invalid int value: 'many'*"),
         ([], "kld_top_k = many", "*ini key kld_top_k: *'many'*"),
@@ -338,7 +339,7 @@ def test_figures_reach_junit_xml_as_properties(pytester, models, kld_args):
 @pytest.mark.parametrize(
     "call, message",
     [
-        ("meen=0.1", "assert_kld: unknown threshold 'meen'; known: mean, median, p90, p95, p99, p99_9, max, top1"),
+        ("meen=0.1", "assert_kld: unknown threshold 'meen'; known: mean, median, p90, p95, p99, p99_9, max, top1, drift_match, drift_kld"),
         ("mean=-0.1", "assert_kld: threshold mean=-0.1 is negative; KLD is never below 0"),
         ("top1=1.5", "assert_kld: threshold top1=1.5 is a fraction and must be at most 1"),
         ("p99=float('nan')", "assert_kld: threshold p99=nan must be a finite number"),
@@ -508,7 +509,7 @@ def test_marker_overrides_settings_per_test(pytester, models):
     result.stdout.fnmatch_lines(
         [
             "*ERROR at setup of test_unknown_key*",
-            literal("@pytest.mark.kld: unknown setting(s) topk; known: baseline_fail, chunk_tokens, dataset, exec, mode, *top_k"),
+            literal("@pytest.mark.kld: unknown setting(s) topk; known: baseline_fail, chunk_tokens, dataset, drift_tokens, exec, mode, *top_k"),
             "*ERROR at setup of test_bad_value*",
             "@pytest.mark.kld: top_k='many' must be an integer of at least 1",
             "*ERROR at setup of test_bad_choice*",

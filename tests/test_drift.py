@@ -1,0 +1,121 @@
+"""Generation drift (issue 15): the reference's greedy continuations cached as one more mode, the
+quant's own greedy continuation against them (match length, ties), and KL(reference || quant)
+along the reference's continuation, teacher-forced."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from pytest_kld import drift
+from pytest_kld.cache import ensure_reference
+from pytest_kld.compare import compare
+from pytest_kld.corpus import corpus_spec
+
+N = 12
+
+
+@pytest.fixture(scope="module")
+def spec():
+    return corpus_spec("drift", n_chunks=5, drift_tokens=N)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3_5"])  # qwen3_5: hybrid, its generation cache is not a KV cache
+def test_self_comparison_matches_to_the_end_with_zero_kld_at_every_step(tiny_model, spec, tmp_path, arch):
+    cache = ensure_reference(tiny_model(arch), spec, cache_dir=tmp_path)
+    assert cache.manifest["corpus"]["mode"] == "drift" and cache.manifest["corpus"]["drift_tokens"] == N
+    r = compare(cache, tiny_model(arch))
+    assert r.is_reference and np.all(r.kl == 0.0) and r.kl.size == cache.n_positions
+    s = r.summary
+    assert s["drift_prompts"] == 5 and s["drift_match"] == s["drift_match_strict"] == N
+    assert s["drift_full_share"] == 1.0 and s["drift_ties"] == 0
+    assert s["drift_kld"] == s["drift_kld_early"] == s["drift_kld_late"] == 0.0
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3_5"])
+def test_cached_continuation_is_the_reference_greedy_one_and_match_is_the_first_difference(tiny_model, spec,
+                                                                                             tmp_path, arch):
+    from pytest_kld.forward import load_model
+
+    cache = ensure_reference(tiny_model(arch), spec, cache_dir=tmp_path)
+    quant = tiny_model(arch, bits=4)
+    r = compare(cache, quant)
+    lm_ref, lm_q = load_model(tiny_model(arch), "float32"), load_model(quant, "float32")
+    try:
+        strict = []
+        for i in range(cache.n_chunks):
+            start, end = (int(v) for v in cache.score_ranges[i])
+            ids = cache.chunk(i).tolist()
+            prompt, ref = ids[: start + 1], ids[start + 1 : end + 1]
+            assert drift.greedy(lm_ref.model, prompt, N) [: len(ref)] == ref  # what the cache holds
+            mine = drift.greedy(lm_q.model, prompt, len(ref))
+            strict.append(next((t for t, (a, b) in enumerate(zip(mine, ref)) if a != b), len(ref)))
+    finally:
+        lm_ref.release()
+        lm_q.release()
+    assert r.summary["drift_match_strict"] == pytest.approx(np.mean(strict))
+    assert r.summary["drift_match"] >= r.summary["drift_match_strict"]
+    assert r.summary["drift_kld"] == pytest.approx(r.summary["mean"]) and r.summary["drift_kld"] > 0
+    steps = np.concatenate([np.arange(int(e) - int(s)) for s, e in cache.score_ranges])
+    assert r.summary["drift_kld_early"] == pytest.approx(float(r.kl[steps < N / 3].mean()))
+    assert r.summary["drift_kld_late"] == pytest.approx(float(r.kl[steps >= 2 * N / 3].mean()))
+
+
+def test_a_differing_pick_where_the_reference_is_torn_is_a_tie(monkeypatch):
+    """The quant would say 9 at step 1 and 8 at step 3; the reference's top-2 were within
+    TIE_NATS at step 1 only: step 1 is a tie (the quant is put back on the reference's token),
+    step 3 a divergence."""
+    ref = [1, 2, 3, 4, 5]
+    wrong = {1: 9, 3: 8}
+
+    def fake_greedy(model, prefix, n, eos=None):
+        t = len(prefix) - 2  # the prompt is two tokens
+        return [wrong.get(t + j, ref[t + j]) for j in range(n)]
+
+    monkeypatch.setattr(drift, "greedy", fake_greedy)
+    margin = np.array([1.0, drift.TIE_NATS / 2, 1.0, 1.0, 1.0])
+    assert drift._follow_one(None, [0, 0], ref, margin) == (3, 1, 1)  # (match, strict, ties)
+    margin[3] = 0.0
+    assert drift._follow_one(None, [0, 0], ref, margin) == (5, 1, 2)  # both torn: to the end
+    wrong.clear()
+    assert drift._follow_one(None, [0, 0], ref, margin) == (5, 5, 0)
+
+
+def test_drift_cache_is_its_own_mode_beside_short(tiny_model, tmp_path):
+    a = ensure_reference(tiny_model("llama"), corpus_spec("drift", n_chunks=3, drift_tokens=4), cache_dir=tmp_path)
+    b = ensure_reference(tiny_model("llama"), corpus_spec("drift", n_chunks=3, drift_tokens=6), cache_dir=tmp_path)
+    c = ensure_reference(tiny_model("llama"), corpus_spec("short", n_chunks=3), cache_dir=tmp_path)
+    assert len({a.path, b.path, c.path}) == 3 and a.path.parent == c.path.parent
+    assert a.path.name.startswith("drift-") and a.n_positions <= 12 and b.n_positions <= 18
+
+
+def test_drift_from_pytest_thresholds_and_leaderboard(pytester, tiny_model):
+    q = str(tiny_model("llama", bits=4))
+    pytester.makepyfile(test_d=f"""
+import pytest
+
+@pytest.mark.kld(mode="drift", drift_tokens=8)
+def test_loose(assert_kld):
+    assert_kld({q!r}, drift_match=0, drift_kld=1e9)
+
+@pytest.mark.kld(mode="drift", drift_tokens=8)
+def test_strict(assert_kld):
+    assert_kld({q!r}, drift_match=8, name="strict")
+
+def test_not_drift(assert_kld):
+    assert_kld({q!r}, drift_match=1, name="prefill")
+""")
+    out = pytester.path / "r.json"
+    result = pytester.runpytest_subprocess(f"--kld-reference={tiny_model('llama')}", "--kld-n-chunks=3",
+                                           f"--kld-cache-dir={pytester.path / 'c'}", "-p", "no:cacheprovider",
+                                           f"--kld-json={out}")
+    result.assert_outcomes(passed=1, failed=2)
+    result.stdout.fnmatch_lines(["*drift_match: * < minimum 8.0000  FAILED*"])
+    result.stdout.fnmatch_lines(["*drift_match: measured only in drift mode*FAILED*"])
+    result.stdout.fnmatch_lines(["generation drift: greedy, up to 8 tokens per prompt*",
+                                 "model*match*median*to end*strict*ties*KLD early*middle*late"])
+    rows = {r["model"]: r for r in json.loads(out.read_text())["results"]}
+    s = rows["strict"]["summary"]
+    assert rows["strict"]["mode"] == "drift" and 0 <= s["drift_match"] <= 8 and s["drift_tokens"] == 8
