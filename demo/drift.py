@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     from pytest_kld.cli import main as cli
 
     work = args.work or Path(tempfile.mkdtemp(prefix="kld-drift-demo-"))
+    work.mkdir(parents=True, exist_ok=True)
     ref = ensure_reference(args.cache_dir)
     quants = ensure_quants(args.quants, args.cache_dir)
     common = ["--cache-dir", str(work / "kld-cache")] + (["--n-chunks", str(args.n_chunks)] if args.n_chunks else [])

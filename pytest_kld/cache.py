@@ -120,8 +120,11 @@ def ensure_reference(
     lock_timeout: float = LOCK_TIMEOUT,
     allow_shared_cache: bool = False,
     notify: Callable[[str], None] | None = None,
+    vocab_backend: str = "auto",
 ) -> ReferenceCache:
     """Load the cache entry for this reference, corpus and settings, building it if needed.
+    ``vocab_backend`` (auto, numpy, mlx) is where a build does its vocabulary-wide work
+    (:mod:`pytest_kld.vocab`); the choice is recorded in the entry, not in its key.
 
     Serialised by a file lock, so concurrent processes build it once and all read the same bytes.
     ``rebuild`` forces a new build; ``rebuild_before`` (a UNIX time) rebuilds only an entry made
@@ -165,7 +168,7 @@ def ensure_reference(
         if on_build is not None:
             on_build(plan)
         try:
-            _build(plan, progress=progress, trust_remote_code=trust_remote_code)
+            _build(plan, progress=progress, trust_remote_code=trust_remote_code, vocab_backend=vocab_backend)
         except BaseException:
             if created:  # a failed first build leaves no empty directory behind
                 lock.discard()
@@ -215,7 +218,7 @@ def check_private(directory: Path, allow_shared: bool = False) -> None:
         )
 
 
-def _build(plan: ReferencePlan, *, progress=None, trust_remote_code: bool = False) -> None:
+def _build(plan: ReferencePlan, *, progress=None, trust_remote_code: bool = False, vocab_backend: str = "auto") -> None:
     """Run the reference pass (:mod:`pytest_kld.refpass`) and write the entry atomically (the
     caller holds the lock)."""
     from .refpass import reference_pass
@@ -224,6 +227,7 @@ def _build(plan: ReferencePlan, *, progress=None, trust_remote_code: bool = Fals
     arrays, facts = reference_pass(
         plan.path, plan.corpus, top_k=plan.settings.top_k, chunk_tokens=plan.settings.chunk_tokens,
         exec_mode=plan.exec, progress=progress, trust_remote_code=trust_remote_code, name=plan.reference,
+        vocab_backend=vocab_backend,
     )
     manifest = {
         "format_version": FORMAT_VERSION,

@@ -140,8 +140,8 @@ def _identify(cache: ReferenceCache, path, full_hash: bool | None) -> tuple[str,
 
 def _run(cache: ReferenceCache, path, name: str, exec_mode: str, chunk_tokens, trust_remote_code: bool, progress):
     """The model's per-position figures against the cache (one model in memory) and its exec."""
-    from .divergence import compare_rows
     from .forward import iter_corpus_logprobs, load_model, logits_width
+    from .vocab import position_stats
 
     lm = load_model(path, exec_mode, trust_remote_code=trust_remote_code)
     try:
@@ -155,10 +155,11 @@ def _run(cache: ReferenceCache, path, name: str, exec_mode: str, chunk_tokens, t
             )
         chunks = [cache.chunk(i) for i in range(cache.n_chunks)]
         ranges = [tuple(int(v) for v in r) for r in cache.score_ranges]
+        backend = cache.manifest["settings"].get("vocab_backend", "numpy")  # the build's: self-comparison is 0
         parts = [
-            compare_rows(cache.rows(i, row, row + len(lq)), lq)
-            for i, row, lq in iter_corpus_logprobs(lm.model, chunks, ranges, chunk_tokens=chunk_tokens,
-                                                   vocab=vocab, progress=progress)
+            position_stats(cache.rows(i, row, row + int(lg.shape[0])), lg, backend)
+            for i, row, lg in iter_corpus_logprobs(lm.model, chunks, ranges, chunk_tokens=chunk_tokens,
+                                                   vocab=vocab, progress=progress, raw=True)
         ]
         followed = None
         if (cache.manifest.get("corpus") or {}).get("mode") == "drift":  # its own greedy continuations

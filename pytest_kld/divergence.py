@@ -61,12 +61,15 @@ def sparsify(lp, targets: np.ndarray, top_k: int) -> SparseRows:
         idx = np.argsort(-lp, axis=-1, kind="stable")
         tail = np.full(n, -np.inf, dtype=np.float32)
     else:
-        idx = np.argpartition(-lp, k - 1, axis=-1)[:, :k]
-        order = np.argsort(-np.take_along_axis(lp, idx, axis=-1), axis=-1, kind="stable")
-        idx = np.take_along_axis(idx, order, axis=-1)
-        rest = lp.copy()
-        np.put_along_axis(rest, idx, -np.inf, axis=-1)
-        tail = logsumexp(rest)
+        idx = np.empty((n, k), dtype=np.int64)
+        tail = np.empty(n, dtype=np.float32)
+        for b in _blocks(n):  # vocabulary-wide temporaries for one block of rows at a time
+            part = np.argpartition(-lp[b], k - 1, axis=-1)[:, :k]
+            order = np.argsort(-np.take_along_axis(lp[b], part, axis=-1), axis=-1, kind="stable")
+            idx[b] = np.take_along_axis(part, order, axis=-1)
+            rest = lp[b].copy()
+            np.put_along_axis(rest, idx[b], -np.inf, axis=-1)
+            tail[b] = _logsumexp(rest)
     return SparseRows(
         ids=idx.astype(np.int64),
         logprobs=np.take_along_axis(lp, idx, axis=-1).astype(np.float32),
@@ -100,12 +103,23 @@ def compare_rows(ref: SparseRows, lq, *, tail_spread: bool = True) -> PositionSt
     q_target = lq[np.arange(n), ref.target_ids].astype(np.float64)
     q_top = np.take_along_axis(lq, ref.ids, axis=-1).astype(np.float64)
     if bool(np.any(np.isfinite(ref.tail))):
-        rest = lq.copy()
-        np.put_along_axis(rest, ref.ids, -np.inf, axis=-1)
-        with np.errstate(invalid="ignore"):
-            q_tail = logsumexp(rest).astype(np.float64)
+        q_tail = np.empty(n)
+        for b in _blocks(n):  # one block of the piece copied at a time, not the whole piece
+            rest = lq[b].copy()
+            np.put_along_axis(rest, ref.ids[b], -np.inf, axis=-1)
+            with np.errstate(invalid="ignore"):
+                q_tail[b] = _logsumexp(rest)
     else:
         q_tail = np.full(n, -np.inf)
+    return kl_from_parts(ref, q_top, q_tail, q_target, q_arg, finite, tail_spread=tail_spread)
+
+
+def kl_from_parts(ref: SparseRows, q_top, q_tail, q_target, q_arg, finite, *, tail_spread: bool = True) -> PositionStats:
+    """The float64 reductions of :func:`compare_rows` from the quant's [n, K] log-probs at the
+    reference's top-K ids (``q_top``), its tail log-mass beyond them (``q_tail``), its log-prob of
+    the next token, its argmax and whether its row was finite: whichever backend gathered them
+    (:mod:`pytest_kld.vocab`)."""
+    q_top, q_tail = np.asarray(q_top, dtype=np.float64), np.asarray(q_tail, dtype=np.float64)
     p_lp = ref.logprobs.astype(np.float64)
     p = np.exp(p_lp)
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
@@ -116,13 +130,13 @@ def compare_rows(ref: SparseRows, lq, *, tail_spread: bool = True) -> PositionSt
         inner = tail_inner_kl(log_ratio) if tail_spread else 0.0
         tail_term = np.where(p_tail > 0, p_tail * (r_tail - q_tail + inner), 0.0)
     kl = kl + tail_term
-    kl[~finite] = np.nan
+    kl[~np.asarray(finite, dtype=bool)] = np.nan
 
     return PositionStats(
         kl=kl,
-        top1=q_arg.astype(np.int64) == ref.ids[:, 0],
+        top1=np.asarray(q_arg).astype(np.int64) == ref.ids[:, 0],
         ref_target=np.asarray(ref.target, dtype=np.float64),
-        quant_target=q_target,
+        quant_target=np.asarray(q_target, dtype=np.float64),
     )
 
 
@@ -136,12 +150,30 @@ def tail_inner_kl(log_ratio: np.ndarray) -> np.ndarray:
     return 0.5 * np.var(window, axis=-1)
 
 
+ROW_BLOCK = 32  # rows per block of vocabulary-wide temporaries: 32 × 248,320 × 4 B = 32 MB
+
+
+def _blocks(n: int):
+    return (slice(lo, min(n, lo + ROW_BLOCK)) for lo in range(0, n, ROW_BLOCK))
+
+
 def logsumexp(a: np.ndarray) -> np.ndarray:
-    """log Σ exp over the last axis, float32, stable; -inf for a row that is all -inf."""
+    """log Σ exp over the last axis, float32, stable; -inf for a row that is all -inf. Rows are
+    done in blocks of :data:`ROW_BLOCK`, so the temporaries stay small (each row's sum is the
+    same whatever its block)."""
+    a = np.asarray(a)
+    if a.ndim != 2 or a.shape[0] <= ROW_BLOCK:
+        return _logsumexp(a)
+    return np.concatenate([_logsumexp(a[b]) for b in _blocks(a.shape[0])])
+
+
+def _logsumexp(a: np.ndarray) -> np.ndarray:
     m = np.max(a, axis=-1, keepdims=True)
     m = np.where(np.isfinite(m), m, np.float32(0))
     with np.errstate(divide="ignore"):
-        return (np.log(np.sum(np.exp(a - m), axis=-1, keepdims=True)) + m)[..., 0]
+        e = a - m
+        np.exp(e, out=e)
+        return (np.log(np.sum(e, axis=-1, keepdims=True)) + m)[..., 0]
 
 
 def log_softmax(lg: np.ndarray) -> np.ndarray:

@@ -267,6 +267,7 @@ def iter_chunk_logprobs(
     *,
     chunk_tokens: int | None = None,
     vocab: int | None = None,
+    raw: bool = False,
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Run ``tokens`` (one chunk) through ``model`` in pieces of ``chunk_tokens`` with a KV cache.
 
@@ -279,7 +280,8 @@ def iter_chunk_logprobs(
     ``mx.async_eval`` before the previous piece's log-probs are handed out, so the caller's
     vocabulary-wide work on piece i (numpy, which releases the GIL) overlaps the forward pass of
     piece i + 1. Memory holds at most two pieces' logits, never a whole chunk's (1 GB at 1,024
-    positions of a 248k vocabulary).
+    positions of a 248k vocabulary). ``raw``: yield the piece's float32 MLX logits instead, for
+    :mod:`pytest_kld.vocab` to do the vocabulary-wide work where it chose.
     """
     import mlx.core as mx
     from mlx_lm.models.cache import make_prompt_cache
@@ -302,10 +304,10 @@ def iter_chunk_logprobs(
             forward(ids[:, s:e], cache, 0, 0)
             evaluate(*_cache_arrays(cache))
         if pending is not None:
-            yield _to_logprobs(pending)
+            yield (pending[0], pending[1]) if raw else _to_logprobs(pending)
         pending = [lo - start, lg] if lo < hi else None
     if pending is not None:
-        yield _to_logprobs(pending)
+        yield (pending[0], pending[1]) if raw else _to_logprobs(pending)
 
 
 def overlap() -> bool:
@@ -344,6 +346,7 @@ def iter_corpus_logprobs(
     chunk_tokens: int | None = None,
     vocab: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    raw: bool = False,
 ) -> Iterator[tuple[int, int, np.ndarray]]:
     """Yield (chunk index, row offset within the chunk's scored rows, float32 log-probs) for
     every forward piece of every chunk (see :func:`iter_chunk_logprobs`).
@@ -356,7 +359,7 @@ def iter_corpus_logprobs(
         progress(0, total)
     for i, (toks, (s, e)) in enumerate(zip(chunks, score_ranges)):
         # Only the tokens up to the last scored output are needed.
-        for row, lp in iter_chunk_logprobs(model, toks[:e], s, e, chunk_tokens=chunk_tokens, vocab=vocab):
+        for row, lp in iter_chunk_logprobs(model, toks[:e], s, e, chunk_tokens=chunk_tokens, vocab=vocab, raw=raw):
             yield i, row, lp
         done += int(e)
         if progress is not None:

@@ -33,7 +33,8 @@ def tokenizer_size(tok) -> int:
 
 
 def reference_pass(path, corpus_spec, *, top_k: int, chunk_tokens, exec_mode: str, progress=None,
-                   trust_remote_code: bool = False, name: str | None = None) -> tuple[dict, dict]:
+                   trust_remote_code: bool = False, name: str | None = None,
+                   vocab_backend: str = "auto") -> tuple[dict, dict]:
     """(arrays, manifest facts) of the reference at ``path`` over ``corpus_spec``."""
     from .forward import load_model, logits_width
     from .tokens import tokenize_corpus
@@ -58,7 +59,8 @@ def reference_pass(path, corpus_spec, *, top_k: int, chunk_tokens, exec_mode: st
     if tok_len > vocab:
         raise KldError(f"{name}: tokenizer has {tok_len} tokens but the model only {vocab} logits")
     k = min(top_k, vocab)
-    records = _sparse_records(lm.model, chunks, ranges, k, vocab, chunk_tokens, progress, name)
+    backend: dict = {"requested": vocab_backend}
+    records = _sparse_records(lm.model, chunks, ranges, k, vocab, chunk_tokens, progress, name, backend)
     probe = [int(x) for x in tok.encode(TOKENIZER_PROBE, add_special_tokens=False)]
     exec_used = lm.exec
     lm.release()
@@ -72,7 +74,9 @@ def reference_pass(path, corpus_spec, *, top_k: int, chunk_tokens, exec_mode: st
     }
     n_pos = int(arrays["topk_ids"].shape[0])
     return arrays, {
-        "settings": {"top_k": k, "chunk_tokens": chunk_tokens or 0, "exec": exec_used},
+        "settings": {"top_k": k, "chunk_tokens": chunk_tokens or 0, "exec": exec_used,
+                     "vocab_backend": backend.get("chosen", "numpy")},
+        "vocab_backend": backend,
         "corpus": {**corpus.identity, "mode": corpus_spec.mode},
         "categories": cat_names,
         "vocab_size": vocab,
@@ -99,17 +103,23 @@ def _generating(progress):
     return tell
 
 
-def _sparse_records(model, chunks, ranges, k: int, vocab: int, chunk_tokens, progress, name: str) -> dict:
-    """The top-K record of every scored position, piece by piece (one piece's log-probs in memory)."""
-    from .divergence import sparsify
+def _sparse_records(model, chunks, ranges, k: int, vocab: int, chunk_tokens, progress, name: str,
+                    backend: dict) -> dict:
+    """The top-K record of every scored position, piece by piece (one piece's log-probs in memory).
+    ``backend["requested"]`` is where the vocabulary-wide work runs (:mod:`pytest_kld.vocab`);
+    the one chosen, and what choosing measured, are written back into ``backend``."""
     from .forward import iter_corpus_logprobs
+    from .vocab import choose, sparse_rows
 
     idt = id_dtype(vocab)
     ids_l, lp_l, tail_l, tgt_l = [], [], [], []
-    for i, row, lp in iter_corpus_logprobs(model, chunks, ranges, chunk_tokens=chunk_tokens, vocab=vocab,
-                                           progress=progress):
+    for i, row, lg in iter_corpus_logprobs(model, chunks, ranges, chunk_tokens=chunk_tokens, vocab=vocab,
+                                           progress=progress, raw=True):
         first = ranges[i][0] + row  # the output position of this piece's first row
-        rows = sparsify(lp, chunks[i][first + 1 : first + 1 + len(lp)], k)
+        targets = chunks[i][first + 1 : first + 1 + int(lg.shape[0])]
+        if "chosen" not in backend:
+            backend["chosen"], backend["seconds"] = choose(lg, targets, k, backend["requested"])
+        rows = sparse_rows(lg, targets, k, backend["chosen"])
         if not (np.all(np.isfinite(rows.logprobs)) and np.all(np.isfinite(rows.target))):
             raise KldError(f"{name}: the reference produced NaN or inf log-probs in chunk {i}")
         ids_l.append(rows.ids.astype(idt))

@@ -78,6 +78,7 @@ def open_reference(
         lock_timeout=float(s["lock_timeout"]),
         allow_shared_cache=bool(s.get("allow_shared_cache")),
         notify=notify,
+        vocab_backend=s.get("vocab_backend") or "auto",
     )
     if not built:
         _say_reused(cache, notify)

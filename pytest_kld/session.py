@@ -53,7 +53,7 @@ class KldSession:
             raise NoReference()
         key = tuple(str(s.get(k)) for k in ("reference", "reference_cache", "revision", "mode", "dataset", "n_ctx", "n_chunks",
                                              "no_chat_template", "top_k", "chunk_tokens", "exec", "cache_dir",
-                                             "full_hash", "drift_tokens"))
+                                             "full_hash", "drift_tokens", "vocab_backend"))
         if key not in self.caches:
             out = self.writer()
             label = f"building reference cache {s.get('reference')} [{s['mode']}]"
