@@ -10,7 +10,8 @@ backend ran.
   a CPU this is the faster one (numpy's log-softmax is ~6x MLX's CPU one).
 - ``mlx``: the same operations in MLX, where the logits already are; on Apple silicon they run on
   the GPU, and only [rows, K] arrays are copied back.
-- ``auto`` (default): at a build, both run on the first piece and the faster is kept; the choice
+- ``auto`` (default): at a build, both run on the first piece, and MLX is kept when it is at
+  least :data:`MLX_MARGIN` times faster, numpy otherwise (a near tie would let load flip it); the choice
   and both times are recorded in the cache, and every comparison against that cache uses the
   same backend, so a reference compared with itself still gives exactly 0.
 
@@ -26,6 +27,7 @@ import numpy as np
 from .divergence import PositionStats, SparseRows, kl_from_parts, log_softmax, sparsify
 
 BACKENDS = ("auto", "numpy", "mlx")
+MLX_MARGIN = 1.5  # auto keeps MLX only when it is at least this many times faster than numpy
 
 
 def logprobs(lg, backend: str):
@@ -96,4 +98,6 @@ def choose(lg, targets: np.ndarray, k: int, requested: str) -> tuple[str, dict]:
             sparse_rows(lg, targets, k, name)
             best = min(best, time.perf_counter() - t0)
         seconds[name] = round(best, 6)
-    return min(seconds, key=seconds.get), seconds
+    # MLX must win clearly: a near tie would let a busy machine flip the choice (and the
+    # cache's last bits) from one build to the next
+    return ("mlx" if seconds["mlx"] * MLX_MARGIN < seconds["numpy"] else "numpy"), seconds
