@@ -186,7 +186,10 @@ def neighbour_text(d: dict, mean_above) -> str:
     """The leaderboard cell: the paired difference relative to the row above, ≈ when the two
     cannot be told apart."""
     rel = d["diff"] / mean_above if isinstance(mean_above, (int, float)) and mean_above > 0 else None
-    text = f"{rel:+.1%}" if rel is not None else f"{d['diff']:+.3g}"
+    if rel is None:
+        text = f"{d['diff']:+.3g}"
+    else:  # a ratio reads better than a percentage in the thousands
+        text = f"×{1 + rel:.1f}" if rel >= 9.995 else f"{rel:+.1%}"
     return text if d["apart"] else f"≈{text}"
 
 
