@@ -267,6 +267,7 @@ def iter_chunk_logprobs(
     *,
     chunk_tokens: int | None = None,
     vocab: int | None = None,
+    logprobs: bool = True,
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Run ``tokens`` (one chunk) through ``model`` in pieces of ``chunk_tokens`` with a KV cache.
 
@@ -280,6 +281,10 @@ def iter_chunk_logprobs(
     vocabulary-wide work on piece i (numpy, which releases the GIL) overlaps the forward pass of
     piece i + 1. Memory holds at most two pieces' logits, never a whole chunk's (1 GB at 1,024
     positions of a 248k vocabulary).
+
+    ``logprobs=False`` runs the same forward passes, evaluated the same way, and yields
+    (offset, None): a rank of a sharded model that takes part in every pass but leaves the
+    vocabulary-wide work to rank 0 (:mod:`pytest_kld.shardrank`).
     """
     import mlx.core as mx
     from mlx_lm.models.cache import make_prompt_cache
@@ -302,10 +307,10 @@ def iter_chunk_logprobs(
             forward(ids[:, s:e], cache, 0, 0)
             evaluate(*_cache_arrays(cache))
         if pending is not None:
-            yield _to_logprobs(pending)
+            yield _to_logprobs(pending) if logprobs else (pending[0], None)
         pending = [lo - start, lg] if lo < hi else None
     if pending is not None:
-        yield _to_logprobs(pending)
+        yield _to_logprobs(pending) if logprobs else (pending[0], None)
 
 
 def overlap() -> bool:
@@ -344,6 +349,7 @@ def iter_corpus_logprobs(
     chunk_tokens: int | None = None,
     vocab: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    logprobs: bool = True,
 ) -> Iterator[tuple[int, int, np.ndarray]]:
     """Yield (chunk index, row offset within the chunk's scored rows, float32 log-probs) for
     every forward piece of every chunk (see :func:`iter_chunk_logprobs`).
@@ -356,7 +362,8 @@ def iter_corpus_logprobs(
         progress(0, total)
     for i, (toks, (s, e)) in enumerate(zip(chunks, score_ranges)):
         # Only the tokens up to the last scored output are needed.
-        for row, lp in iter_chunk_logprobs(model, toks[:e], s, e, chunk_tokens=chunk_tokens, vocab=vocab):
+        for row, lp in iter_chunk_logprobs(model, toks[:e], s, e, chunk_tokens=chunk_tokens, vocab=vocab,
+                                           logprobs=logprobs):
             yield i, row, lp
         done += int(e)
         if progress is not None:
