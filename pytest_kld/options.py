@@ -75,6 +75,13 @@ OPTIONS: tuple[Option, ...] = (
            "plant entries)"),
     Option("full-hash", bool, False, "fingerprint weights by their full contents (sha256-full), not headers, sizes "
            "and a 4 MiB sample per file (sha256-sample, which can miss an edit of a few bytes); reads every byte"),
+    Option("hosts", str, None, "build the reference cache over MLX's distributed engine (mlx.launch) on these "
+           "hosts: an mlx.launch hostfile (JSON) or comma-separated IPs, the first being this machine; the reference "
+           "is sharded by mlx-lm", default_text="none: one process (or --kld-ranks on this machine)"),
+    Option("ranks", int, 1, "processes per host of a distributed reference build (2 without --kld-hosts: two "
+           "ranks on this machine)", minimum=1),
+    Option("backend", str, "ring", "mlx.launch backend of a distributed reference build",
+           choices=("ring", "jaccl", "jaccl-ring", "mpi")),
 )
 BY_DEST = {o.dest: o for o in OPTIONS}
 MARKER_KEYS = frozenset(o.dest for o in OPTIONS if o.marker)

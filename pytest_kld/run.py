@@ -55,6 +55,7 @@ def open_reference(
     """The reference cache for settings ``s``: an entry directory as given, else the cache of
     the reference model, built if needed. Says when an existing cache is reused."""
     from .cache import ensure_reference
+    from .distributed import launch_from_settings
     from .reference import ReferenceCache, Settings
 
     if s.get("reference_cache") or is_cache_dir(s["reference"]):
@@ -77,6 +78,7 @@ def open_reference(
         lock_timeout=float(s["lock_timeout"]),
         allow_shared_cache=bool(s.get("allow_shared_cache")),
         notify=notify,
+        launch=launch_from_settings(s),
     )
     if not built:
         _say_reused(cache, notify)
