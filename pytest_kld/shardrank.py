@@ -64,8 +64,7 @@ def sharded_model(path, exec_mode: str, *, group, trust_remote_code: bool = Fals
     import mlx.core as mx
     from mlx_lm.utils import sharded_load
 
-    from .forward import (LoadedModel, _check_config, _one_line, _output_split, cast_float32,
-                          dequantize_to_float32)
+    from .forward import LoadedModel, _check_config, _one_line, _output_split, cast_float32, dequantize_to_float32
     from .models import check_weight_files
 
     path = Path(path)
