@@ -163,3 +163,33 @@ def test_cli_build_over_two_ranks_prints_the_single_process_entry(tiny_model, tm
     entry = Path(two.stdout.strip().splitlines()[-1])
     assert entry.relative_to(tmp_path / "two") == Path(one.stdout.strip().splitlines()[-1]).relative_to(tmp_path / "one")
     assert ReferenceCache.load(entry).manifest["distributed"]["strategy"] == "tensor"
+
+
+GATE_TEST = """
+def test_reference_itself(assert_kld):
+    assert_kld({ref!r}, max=0.0)
+
+def test_quant_8bit(assert_kld):
+    assert_kld({q8!r}, mean=0.5)
+"""
+
+
+def test_pytest_builds_over_ranks_then_gates_quants_locally(pytester, tiny_model, monkeypatch):
+    """``pytest --kld-reference=BIG --kld-ranks=2``: the cache built by two ranks (pipeline),
+    the quants then compared in the test process against it.
+
+    The reference against it is exactly 0 when both sides do the same arithmetic: local ranks run
+    OpenBLAS at cores/ranks threads, and OpenBLAS blocks a 512-row matmul differently at 1 and 2
+    threads (measured: max 1.6e-6 nats), so the pytest process is given the ranks' one thread."""
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")
+    ref, q8 = tiny_model("qwen3_5"), tiny_model("qwen3_5", bits=8)
+    pytester.makepyfile(test_gate=GATE_TEST.format(ref=str(ref), q8=str(q8)))
+    cache_dir = pytester.path / "kld-cache"
+    result = pytester.runpytest_subprocess(
+        f"--kld-reference={ref}", f"--kld-cache-dir={cache_dir}", "--kld-n-chunks=3", "--kld-top-k=32",
+        "--kld-exec=float32", "--kld-ranks=2", "--kld-backend=ring", "-p", "no:cacheprovider",
+    )
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["*pytest-kld leaderboard*"])
+    (entry,) = [p.parent for p in cache_dir.glob("ref-*/*/manifest.json")]
+    assert ReferenceCache.load(entry).manifest["distributed"]["strategy"] == "pipeline"
