@@ -218,7 +218,8 @@ def _failure(reference: str, launch: Launch, failed, tail: list[str], have_resul
     own = next((line[len(FAILED):].strip() for line in tail if line.startswith(FAILED)), None)
     if own:
         why.append(own)
-    for rank, how in failed[:1]:
+    told = {int(m.group(1)) for m in [re.match(r"rank (\d+):", own or "")] if m}
+    for rank, how in [f for f in failed if f[0] not in told][:1]:
         host = hosts[rank // per] if rank // per < len(hosts) else "?"
         hint = " (255 is ssh's: is the host reachable, with keys set up?)" if how.endswith(" 255") else ""
         why.append(f"rank {rank} on {host} {how}{hint}")

@@ -37,12 +37,13 @@ ARRAYS = "arrays.safetensors"
 INDEX = "model.safetensors.index.json"
 
 
-def strategy_of(path: Path, *, trust_remote_code: bool = False) -> str:
-    """``pipeline`` or ``tensor``: how mlx-lm can shard the model at ``path`` (its classes, read
-    lazily: no weights are loaded), preferring pipeline. One line if it cannot."""
+def strategy_of(path: Path, size: int, *, trust_remote_code: bool = False) -> str:
+    """``pipeline`` or ``tensor``: how mlx-lm can shard the model at ``path`` over ``size``
+    ranks (its classes, read lazily: no weights are loaded), preferring pipeline. One line if
+    it cannot."""
     from mlx_lm.utils import load_model
 
-    model, _ = load_model(Path(path), lazy=True, strict=False, trust_remote_code=trust_remote_code)
+    model, config = load_model(Path(path), lazy=True, strict=False, trust_remote_code=trust_remote_code)
     if hasattr(model, "model") and hasattr(model.model, "pipeline"):
         if not (Path(path) / INDEX).is_file():
             raise ModelError(
@@ -51,6 +52,16 @@ def strategy_of(path: Path, *, trust_remote_code: bool = False) -> str:
             )
         return "pipeline"
     if hasattr(model, "shard"):
+        # mlx-lm splits attention heads evenly over the ranks without checking that they divide
+        text = config.get("text_config", config)
+        for what in ("num_attention_heads", "num_key_value_heads"):
+            n = text.get(what)
+            if isinstance(n, int) and n % size:
+                raise ModelError(
+                    f"{path}: mlx-lm shards {getattr(model, 'model_type', 'this model')!r} tensor-parallel only "
+                    f"(no pipeline support), and its {n} {what.replace('num_', '').replace('_', ' ')} do not "
+                    f"divide over {size} ranks; use a rank count that divides them"
+                )
         return "tensor"
     raise ModelError(
         f"{path}: model type {getattr(model, 'model_type', type(model).__name__)!r} cannot be sharded by "
@@ -70,7 +81,7 @@ def sharded_model(path, exec_mode: str, *, group, trust_remote_code: bool = Fals
     path = Path(path)
     _check_config(path, trust_remote_code)
     check_weight_files(path)
-    strategy = strategy_of(path, trust_remote_code=trust_remote_code)
+    strategy = strategy_of(path, group.size(), trust_remote_code=trust_remote_code)
     groups = {"pipeline_group": group} if strategy == "pipeline" else {"tensor_group": group}
     try:
         model, tokenizer = sharded_load(str(path), **groups, tokenizer_config={"trust_remote_code": trust_remote_code},
