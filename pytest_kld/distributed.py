@@ -39,6 +39,13 @@ from pathlib import Path
 from .errors import CacheError
 
 BACKENDS = ("ring", "jaccl", "jaccl-ring", "mpi")
+# The protocol with the rank program (pytest_kld.shardrank), through mlx.launch's relayed output
+# and a job directory on this machine that rank 0 reads and writes.
+PROGRESS = "pytest-kld-progress"  # stdout: "PROGRESS done total"
+FAILED = "pytest-kld-rank-failed"  # stderr: "FAILED rank N: one line"
+JOB = "job.json"  # written by the parent: what rank 0 does
+RESULT = "result.json"  # written last by rank 0: its facts (the arrays beside it are whole)
+ARRAYS = "arrays.safetensors"
 _NODE_EXIT = re.compile(r"Node with rank (\d+) (?:exited with code (-?\d+)|was killed)")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -123,34 +130,63 @@ def launch_command(launch: Launch, rank_args: list[str]) -> list[str]:
 def sharded_pass(plan, launch: Launch, *, progress=None, trust_remote_code: bool = False) -> tuple[dict, dict]:
     """(arrays, manifest facts) of the reference of ``plan`` (a :class:`pytest_kld.cache.ReferencePlan`)
     built over the ranks of ``launch``: the same as :func:`pytest_kld.refpass.reference_pass`
-    returns, plus ``distributed`` provenance. The caller holds the entry's lock."""
+    returns, plus ``distributed`` provenance. The caller holds the entry's lock; the job
+    directory sits beside the entry (``.tmp-<entry>-shard-*``: removed by the next builder if
+    this process dies)."""
     import dataclasses
 
-    from . import reference as store
-    from .shardrank import ARRAYS, JOB, RESULT
-
     work = plan.entry.parent / f".tmp-{plan.entry.name}-shard-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    work.mkdir(mode=0o700)
+    job = {"task": "build", "corpus": dataclasses.asdict(plan.corpus), "top_k": plan.settings.top_k,
+           "name": plan.reference}
+    arrays, facts = _job(work, job, plan.path, plan.exec, plan.settings.chunk_tokens, launch,
+                         f"distributed build of {plan.reference}", progress, trust_remote_code)
+    facts["distributed"] = {**launch.provenance(), **facts.get("distributed", {})}
+    return arrays, facts
+
+
+def sharded_compare(cache, path, name: str, exec_mode: str, chunk_tokens, launch: Launch, *,
+                    progress=None, trust_remote_code: bool = False):
+    """([per-position figures], exec used) of the model at ``path`` against ``cache``, the model
+    sharded over the ranks of ``launch`` (as :func:`pytest_kld.compare._run` returns them)."""
+    import tempfile
+    from types import SimpleNamespace
+
+    from .errors import ModelError
+    from .forward import resolve_exec
+
+    work = Path(tempfile.mkdtemp(prefix="pytest-kld-shard-"))
+    job = {"task": "compare", "cache": str(Path(cache.path).resolve()), "key": cache.manifest["key"], "name": name}
+    arrays, facts = _job(work, job, path, resolve_exec(exec_mode), chunk_tokens, launch,
+                         f"distributed comparison of {name}", progress, trust_remote_code, made=True,
+                         error=ModelError)
+    part = SimpleNamespace(kl=arrays["kl"], top1=arrays["top1"].astype(bool), ref_target=arrays["ref_target"],
+                           quant_target=arrays["quant_target"])
+    return [part], facts["exec"]
+
+
+def _job(work: Path, job: dict, model, exec_mode: str, chunk_tokens, launch: Launch, what: str, progress,
+         trust_remote_code: bool, made: bool = False, error=CacheError) -> tuple[dict, dict]:
+    """Run ``job`` on the ranks of ``launch`` with the job directory ``work`` (made here unless
+    ``made``; removed in every case); rank 0's arrays and facts, or one line saying why not."""
+    from . import reference as store
+
+    if not made:
+        work.mkdir(mode=0o700)
     try:
         token = secrets.token_hex(16)
-        job = {"token": token, "corpus": dataclasses.asdict(plan.corpus), "top_k": plan.settings.top_k,
-               "name": plan.reference}
-        (work / JOB).write_text(json.dumps(job), encoding="utf-8")
-        rank_args = ["--model", str(Path(plan.path).resolve()), "--exec", plan.exec,
-                     "--chunk-tokens", str(plan.settings.chunk_tokens or 0), "--backend", launch.backend,
+        (work / JOB).write_text(json.dumps({**job, "token": token}), encoding="utf-8")
+        rank_args = ["--model", str(Path(model).resolve()), "--exec", exec_mode,
+                     "--chunk-tokens", str(chunk_tokens or 0), "--backend", launch.backend,
                      "--workdir", str(work), "--token", token]
         if trust_remote_code:
             rank_args.append("--trust-remote-code")
         failed, tail = _run(launch_command(launch, rank_args), progress)
         result = work / RESULT
         if failed or not result.is_file():
-            raise CacheError(_failure(plan.reference, launch, failed, tail, result.is_file()))
+            raise error(_failure(what, launch, failed, tail, result.is_file()))
         from safetensors.numpy import load_file
 
-        facts = json.loads(result.read_text(encoding="utf-8"))
-        arrays = load_file(str(work / ARRAYS))
-        facts["distributed"] = {**launch.provenance(), **facts.get("distributed", {})}
-        return arrays, facts
+        return load_file(str(work / ARRAYS)), json.loads(result.read_text(encoding="utf-8"))
     finally:
         store._remove(work)
 
@@ -159,8 +195,6 @@ def _run(cmd: list[str], progress) -> tuple[list[tuple[int, str]], list[str]]:
     """Run ``mlx.launch`` in a session of its own and wait. Returns the ranks that ended badly
     (rank, how) and the last lines of its stderr. ``mlx.launch`` exits 0 whatever its ranks did,
     so failures are read from its per-rank notices. Interrupted, the whole session is killed."""
-    from .shardrank import FAILED, PROGRESS
-
     tail: deque[str] = deque(maxlen=40)
     failed: list[tuple[int, str]] = []
     # stdin stays an open pipe: mlx.launch polls it, and at EOF (/dev/null) it would spin.
@@ -208,10 +242,8 @@ def _end_session(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def _failure(reference: str, launch: Launch, failed, tail: list[str], have_result: bool) -> str:
+def _failure(what: str, launch: Launch, failed, tail: list[str], have_result: bool) -> str:
     """One line: which rank failed and how, the ranks' own error if they gave one, what to do."""
-    from .shardrank import FAILED
-
     hosts = launch.host_names()
     per = int(launch.ranks)
     why = []
@@ -226,5 +258,5 @@ def _failure(reference: str, launch: Launch, failed, tail: list[str], have_resul
     if not why:
         last = next((line for line in reversed(tail) if "Traceback" not in line), None)
         why.append(last or ("the launch ended without rank 0's result" if not have_result else "a rank failed"))
-    return (f"distributed build of {reference} over {launch.provenance()['size']} ranks ({launch.backend}) failed: "
-            f"{'; '.join(why)}; no cache entry was written")
+    after = "no cache entry was written" if what.startswith("distributed build") else "no result"
+    return f"{what} over {launch.provenance()['size']} ranks ({launch.backend}) failed: {'; '.join(why)}; {after}"

@@ -82,6 +82,8 @@ OPTIONS: tuple[Option, ...] = (
            "ranks on this machine)", minimum=1),
     Option("backend", str, "ring", "mlx.launch backend of a distributed reference build",
            choices=("ring", "jaccl", "jaccl-ring", "mpi")),
+    Option("shard-quants", bool, False, "run each compared model sharded over the same ranks too (a quant too "
+           "large for one machine); by default quants run in this process"),
 )
 BY_DEST = {o.dest: o for o in OPTIONS}
 MARKER_KEYS = frozenset(o.dest for o in OPTIONS if o.marker)

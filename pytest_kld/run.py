@@ -128,6 +128,7 @@ def _say_reused(cache, notify) -> None:
 def compare_model(cache, s: dict, model, *, name=None, exec=None, revision=None, progress=None):
     """Compare ``model`` with the cache under settings ``s`` (a KldResult)."""
     from .compare import compare
+    from .distributed import launch_from_settings
 
     return compare(
         cache,
@@ -139,6 +140,7 @@ def compare_model(cache, s: dict, model, *, name=None, exec=None, revision=None,
         trust_remote_code=bool(s.get("trust_remote_code")),
         full_hash=bool(s.get("full_hash")),
         progress=progress,
+        launch=launch_from_settings(s) if s.get("shard_quants") else None,
     )
 
 

@@ -8,10 +8,11 @@ Every rank loads its part of the reference with mlx-lm's ``sharded_load``: pipel
 (consecutive layers per rank) where the model implements it, else tensor parallel (``shard``),
 else one clear error. The forward passes are collective: every rank runs exactly the same
 sequence of them (the same pieces, evaluated the same way), and each gets the full logits.
-Rank 0 alone tokenises the corpus (it hands the ids to the other ranks through an ``all_sum``),
-does the vocabulary-wide work with the single-process code (:func:`pytest_kld.refpass.reference_pass`)
-and writes its arrays into the job directory its parent made; the parent validates them and
-writes the cache entry under its lock (:mod:`pytest_kld.cache`).
+Rank 0 alone tokenises the corpus or reads the cache (it hands the ids to the other ranks through
+an ``all_sum``), does the vocabulary-wide work with the single-process code
+(:func:`pytest_kld.refpass.reference_pass` for a build, ``compare._run`` for a comparison) and
+writes its arrays into the job directory its parent made; for a build the parent validates them
+and writes the cache entry under its lock (:mod:`pytest_kld.cache`).
 
 Protocol with the parent, over ``mlx.launch``'s relayed output: ``PROGRESS done total`` lines on
 stdout; ``FAILED rank N: message`` on stderr (exit 2) for an error the user can act on.
@@ -27,13 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .distributed import ARRAYS, FAILED, JOB, PROGRESS, RESULT
 from .errors import KldError, ModelError
 
-PROGRESS = "pytest-kld-progress"
-FAILED = "pytest-kld-rank-failed"
-JOB = "job.json"  # written by the parent: what rank 0 builds
-RESULT = "result.json"  # written last by rank 0: its manifest facts (the arrays beside it)
-ARRAYS = "arrays.safetensors"
 INDEX = "model.safetensors.index.json"
 
 
@@ -124,13 +121,9 @@ def broadcast_ids(group, chunks=None, ranges=None):
 
 
 def lead(args, group) -> None:
-    """Rank 0: the single-process reference pass on a sharded model; arrays and facts into the
-    job directory (the facts last, by rename: their presence means the arrays are whole)."""
-    from safetensors.numpy import save_file
-
-    from .corpus import CorpusSpec
-    from .refpass import reference_pass
-
+    """Rank 0: the single-process code on a sharded model (the reference pass, or a comparison
+    with a cache); its arrays and facts into the job directory (the facts last, by rename:
+    their presence means the arrays are whole)."""
     work = Path(args.workdir)
     try:
         job = json.loads((work / JOB).read_text(encoding="utf-8"))
@@ -150,16 +143,40 @@ def lead(args, group) -> None:
     def progress(done, total):
         print(f"{PROGRESS} {done} {total}", flush=True)
 
-    arrays, facts = reference_pass(
-        Path(args.model), CorpusSpec(**job["corpus"]), top_k=int(job["top_k"]), chunk_tokens=args.chunk_tokens,
-        exec_mode=args.exec, progress=progress, trust_remote_code=args.trust_remote_code, name=job["name"],
-        load=load, share=lambda chunks, ranges: broadcast_ids(group, chunks, ranges),
-    )
+    def share(chunks, ranges):
+        broadcast_ids(group, chunks, ranges)
+
+    hooks = {"progress": progress, "trust_remote_code": args.trust_remote_code, "load": load, "share": share}
+    arrays, facts = (_build if job["task"] == "build" else _compare)(args, job, hooks)
+    from safetensors.numpy import save_file
+
     save_file(arrays, str(work / ARRAYS))
     facts["distributed"] = {"ranks": group.size(), "strategy": used["strategy"], "backend": args.backend}
     tmp = work / (RESULT + ".tmp")
     tmp.write_text(json.dumps(facts), encoding="utf-8")
     os.replace(tmp, work / RESULT)
+
+
+def _build(args, job: dict, hooks: dict) -> tuple[dict, dict]:
+    from .corpus import CorpusSpec
+    from .refpass import reference_pass
+
+    return reference_pass(Path(args.model), CorpusSpec(**job["corpus"]), top_k=int(job["top_k"]),
+                          chunk_tokens=args.chunk_tokens, exec_mode=args.exec, name=job["name"], **hooks)
+
+
+def _compare(args, job: dict, hooks: dict) -> tuple[dict, dict]:
+    """The per-position figures of the model against the cache entry ``job["cache"]``."""
+    from .compare import _run
+    from .reference import ReferenceCache
+
+    cache = ReferenceCache.load(job["cache"], expect_key=job["key"])
+    parts, exec_used = _run(cache, Path(args.model), job["name"], args.exec, args.chunk_tokens,
+                            hooks["trust_remote_code"], hooks["progress"], load=hooks["load"], share=hooks["share"])
+    arrays = {name: np.concatenate([getattr(p, name) for p in parts]) if parts else np.zeros(0)
+              for name in ("kl", "ref_target", "quant_target")}
+    arrays["top1"] = (np.concatenate([p.top1 for p in parts]) if parts else np.zeros(0)).astype(np.uint8)
+    return arrays, {"exec": exec_used}
 
 
 def follow(args, group) -> None:

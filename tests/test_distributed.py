@@ -85,6 +85,19 @@ def test_two_ranks_build_the_single_process_cache(tiny_model, spec, tmp_path, ar
         assert 0.0 <= result.summary["mean"] < 1e-7 and result.summary["max"] < 1e-5
 
 
+def test_a_quant_compared_over_two_ranks_reads_as_in_one_process(tiny_model, spec, tmp_path):
+    """A quant too large for one machine: the same comparison with the quant pipeline-sharded."""
+    ref, q8 = tiny_model("qwen3_5"), tiny_model("qwen3_5", bits=8)
+    cache = ensure_reference(ref, spec, S, cache_dir=tmp_path)
+    here, there = compare(cache, q8), compare(cache, q8, launch=TWO)
+    assert there.summary["mean"] > 0.01  # a real quant, not the reference
+    for name in ("kl", "ref_target", "quant_target"):
+        np.testing.assert_allclose(getattr(there, name), getattr(here, name), rtol=1e-6, atol=1e-9, err_msg=name)
+    assert np.array_equal(there.top1, here.top1) and there.exec == here.exec == "float32"
+    itself = compare(cache, ref, launch=TWO)
+    assert itself.is_reference and itself.summary["mean"] == 0.0 and itself.summary["max"] == 0.0
+
+
 def test_a_rank_killed_mid_build_leaves_nothing_trusted(tiny_model, spec, tmp_path):
     model = tiny_model("qwen3_5")
     root = tmp_path / "cache"
@@ -193,3 +206,23 @@ def test_pytest_builds_over_ranks_then_gates_quants_locally(pytester, tiny_model
     result.stdout.fnmatch_lines(["*pytest-kld leaderboard*"])
     (entry,) = [p.parent for p in cache_dir.glob("ref-*/*/manifest.json")]
     assert ReferenceCache.load(entry).manifest["distributed"]["strategy"] == "pipeline"
+
+
+def test_cli_compare_with_everything_sharded(tiny_model, tmp_path):
+    """``pytest-kld compare REF QUANT --ranks 2 --shard-quants``: the reference built and the quant
+    compared over two ranks; the same figures as one process (the JSON's mean)."""
+    ref, q8 = tiny_model("qwen3_5"), tiny_model("qwen3_5", bits=8)
+    args = [sys.executable, "-m", "pytest_kld", "compare", str(ref), str(q8), "--mode", "short", "--n-chunks", "2",
+            "--top-k", "32", "--exec", "float32", "--chunk-tokens", "64", "--mean", "1.0"]
+    two = subprocess.run([*args, "--ranks", "2", "--shard-quants", "--cache-dir", str(tmp_path / "two"),
+                          "--json", str(tmp_path / "two.json")], capture_output=True, text=True, timeout=120)
+    assert two.returncode == 0, two.stderr
+    one = subprocess.run([*args, "--cache-dir", str(tmp_path / "one"), "--json", str(tmp_path / "one.json")],
+                         capture_output=True, text=True, timeout=120)
+    assert one.returncode == 0, one.stderr
+
+    def means(name):
+        return [r["summary"]["mean"] for r in json.loads((tmp_path / name).read_text())["results"]]
+
+    assert means("two.json") == pytest.approx(means("one.json"), rel=1e-6, abs=1e-12)
+    assert means("two.json")[-1] > 0.01
