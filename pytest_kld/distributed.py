@@ -123,8 +123,33 @@ def launch_command(launch: Launch, rank_args: list[str]) -> list[str]:
         # All ranks on this machine: OpenBLAS threads per rank that add up to its cores (measured:
         # two ranks of two threads each on two cores ran the passes 3.5x slower).
         env = ["--env", f"OPENBLAS_NUM_THREADS={max(1, (os.cpu_count() or 1) // int(launch.ranks))}"]
+    if launch.backend == "ring":  # ports of our own, not mlx.launch's fixed 32323...: builds run side by side
+        env += ["--starting-port", str(free_ports(4 * launch.provenance()["size"]))]  # 4: IPs per host
     return [*launcher(), *where, "-n", str(int(launch.ranks)), "--backend", launch.backend, *env,
             "--python", sys.executable, "--", "-m", "pytest_kld.shardrank", *rank_args]
+
+
+def free_ports(count: int, tries: int = 50) -> int:
+    """The first of ``count`` consecutive TCP ports that are free on this machine now (the ring
+    backend listens on one per rank, counting up from ``--starting-port``)."""
+    import random
+    import socket
+
+    for _ in range(tries):
+        base = random.randrange(20000, 60000 - count)
+        socks = []
+        try:
+            for port in range(base, base + count):
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                socks.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise CacheError(f"no {count} consecutive free TCP ports found for the ring backend's ranks")
 
 
 def sharded_pass(plan, launch: Launch, *, progress=None, trust_remote_code: bool = False) -> tuple[dict, dict]:

@@ -160,6 +160,7 @@ def test_launch_settings_and_command(tmp_path):
     assert cmd[cmd.index("--python") + 1] == sys.executable
     assert cmd[cmd.index("--") + 1 :] == ["-m", "pytest_kld.shardrank", "--model", "m"]
     assert cmd[cmd.index("--backend") + 1] == "ring" and cmd[cmd.index("-n") + 1] == "2"
+    assert 20000 <= int(cmd[cmd.index("--starting-port") + 1]) < 60000  # not mlx.launch's fixed default
 
 
 def test_cli_build_over_two_ranks_prints_the_single_process_entry(tiny_model, tmp_path):
