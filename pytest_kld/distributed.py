@@ -74,16 +74,10 @@ class Launch:
 
     def host_names(self) -> list[str]:
         """The hosts, in rank order before repetition (for the manifest and messages)."""
-        f = self.hostfile
-        if f is None:
+        if self.hostfile is None:
             return [h.strip() for h in (self.hosts or "127.0.0.1").split(",") if h.strip()]
-        try:
-            data = json.loads(f.read_text(encoding="utf-8"))
-            hosts = data["hosts"] if isinstance(data, dict) else data
-            return [str(h.get("ssh") or (h.get("ips") or ["?"])[0]) for h in hosts]
-        except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
-            raise CacheError(f"hostfile {f} is not an mlx.launch hostfile ({type(e).__name__}: {e}); "
-                             "see `mlx.distributed_config --help` to write one") from None
+        hosts, _ = _read_hostfile(self.hostfile)
+        return [str(h.get("ssh") or (h.get("ips") or ["?"])[0]) for h in hosts]
 
     def provenance(self) -> dict:
         names = self.host_names()
@@ -91,9 +85,24 @@ class Launch:
                 "backend": self.backend}
 
 
+def _read_hostfile(path: Path) -> tuple[list[dict], str | None]:
+    """(hosts, backend or None) of an ``mlx.launch`` hostfile; one line if it is not one."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        hosts = data["hosts"] if isinstance(data, dict) else data
+        if not isinstance(hosts, list) or not all(isinstance(h, dict) for h in hosts):
+            raise TypeError("'hosts' is not a list of objects")
+        backend = data.get("backend") if isinstance(data, dict) else None
+        return hosts, (str(backend) if backend else None)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CacheError(f"hostfile {path} is not an mlx.launch hostfile ({type(e).__name__}: {e}); "
+                         "see `mlx.distributed_config --help` to write one") from None
+
+
 def launch_from_settings(s: dict) -> Launch | None:
     """The launch asked for by settings (``hosts``, ``ranks``, ``backend``), or None for an
-    ordinary single-process build (no hosts and one rank)."""
+    ordinary single-process build (no hosts and one rank). The backend: ``backend`` if set, else
+    the hostfile's (``mlx.distributed_config`` writes one), else ring."""
     hosts, ranks = s.get("hosts") or None, int(s.get("ranks") or 1)
     if hosts is None and ranks == 1:
         return None
@@ -102,7 +111,10 @@ def launch_from_settings(s: dict) -> Launch | None:
     ):
         raise CacheError(f"--kld-hosts={hosts}: no such hostfile; give an mlx.launch hostfile (JSON) "
                          "or comma-separated IP addresses")
-    return Launch(hosts=hosts, ranks=ranks, backend=s.get("backend") or "ring")
+    backend = s.get("backend")
+    if backend is None and hosts is not None and Path(os.path.expanduser(hosts)).is_file():
+        backend = _read_hostfile(Path(os.path.expanduser(hosts)))[1]
+    return Launch(hosts=hosts, ranks=ranks, backend=backend or "ring")
 
 
 def launcher() -> list[str]:

@@ -80,8 +80,8 @@ OPTIONS: tuple[Option, ...] = (
            "is sharded by mlx-lm", default_text="none: one process (or --kld-ranks on this machine)"),
     Option("ranks", int, 1, "processes per host of a distributed reference build (2 without --kld-hosts: two "
            "ranks on this machine)", minimum=1),
-    Option("backend", str, "ring", "mlx.launch backend of a distributed reference build",
-           choices=("ring", "jaccl", "jaccl-ring", "mpi")),
+    Option("backend", str, None, "mlx.launch backend of a distributed reference build",
+           choices=("ring", "jaccl", "jaccl-ring", "mpi"), default_text="the hostfile's, else ring"),
     Option("shard-quants", bool, False, "run each compared model sharded over the same ranks too (a quant too "
            "large for one machine); by default quants run in this process"),
 )

@@ -208,7 +208,8 @@ def main(argv=None) -> int:
     prefer_system_blas()
     import mlx.core as mx
 
-    group = mx.distributed.init(backend=args.backend, strict=True)
+    # mlx.launch's jaccl-ring is the jaccl backend told (by the environment) to use a ring
+    group = mx.distributed.init(backend="jaccl" if args.backend == "jaccl-ring" else args.backend, strict=True)
     rank = group.rank()
     try:
         (lead if rank == 0 else follow)(args, group)

@@ -154,6 +154,13 @@ def test_launch_settings_and_command(tmp_path):
     bad.write_text("[1, 2]")
     with pytest.raises(CacheError, match="is not an mlx.launch hostfile"):
         Launch(hosts=str(bad)).host_names()
+    jaccl = tmp_path / "jaccl.json"  # as mlx.distributed_config writes it: its backend is used unless one is given
+    jaccl.write_text(json.dumps({"backend": "jaccl", "hosts": [{"ssh": "mac-a", "ips": ["10.0.0.1"]},
+                                                               {"ssh": "mac-b", "ips": ["10.0.0.2"]}]}))
+    assert launch_from_settings({"hosts": str(jaccl)}) == Launch(hosts=str(jaccl), backend="jaccl")
+    assert launch_from_settings({"hosts": str(jaccl), "backend": "ring"}).backend == "ring"
+    assert Launch(hosts=str(jaccl)).provenance() == {"hosts": ["mac-a", "mac-b"], "ranks_per_host": 1, "size": 2,
+                                                     "backend": "ring"}
     cmd = launch_command(Launch(ranks=2), ["--model", "m"])
     # mlx.launch of this environment, run by this interpreter; the ranks run this interpreter too
     assert cmd[0] == sys.executable and Path(cmd[1]).parent == Path(sys.executable).parent
