@@ -48,6 +48,7 @@ RESULT = "result.json"  # written last by rank 0: its facts (the arrays beside i
 ARRAYS = "arrays.safetensors"
 _NODE_EXIT = re.compile(r"Node with rank (\d+) (?:exited with code (-?\d+)|was killed)")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_RAISED = re.compile(r"^[A-Za-z_][\w.]*(?:Error|Exception|Interrupt): ")
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,9 @@ def launch_from_settings(s: dict) -> Launch | None:
     hosts, ranks = s.get("hosts") or None, int(s.get("ranks") or 1)
     if hosts is None and ranks == 1:
         return None
+    if ranks > 1 and hosts is not None and Path(os.path.expanduser(hosts)).is_file():
+        raise CacheError(f"--kld-ranks={ranks} with the hostfile {hosts}: mlx.launch starts one rank per hostfile "
+                         "entry; list a host once per rank there, or give IP addresses with --kld-ranks")
     if hosts is not None and not Path(os.path.expanduser(hosts)).is_file() and (
         hosts.endswith(".json") or "/" in hosts
     ):
@@ -137,7 +141,9 @@ def launch_command(launch: Launch, rank_args: list[str]) -> list[str]:
         env = ["--env", f"OPENBLAS_NUM_THREADS={max(1, (os.cpu_count() or 1) // int(launch.ranks))}"]
     if launch.backend == "ring":  # ports of our own, not mlx.launch's fixed 32323...: builds run side by side
         env += ["--starting-port", str(free_ports(4 * launch.provenance()["size"]))]  # 4: IPs per host
-    return [*launcher(), *where, "-n", str(int(launch.ranks)), "--backend", launch.backend, *env,
+    if launch.hostfile is None:
+        where += ["-n", str(int(launch.ranks))]
+    return [*launcher(), *where, "--backend", launch.backend, *env,
             "--python", sys.executable, "--", "-m", "pytest_kld.shardrank", *rank_args]
 
 
@@ -292,6 +298,10 @@ def _failure(what: str, launch: Launch, failed, tail: list[str], have_result: bo
         host = hosts[rank // per] if rank // per < len(hosts) else "?"
         hint = " (255 is ssh's: is the host reachable, with keys set up?)" if how.endswith(" 255") else ""
         why.append(f"rank {rank} on {host} {how}{hint}")
+    if not own:  # a rank's own traceback: its last "SomethingError: ..." line says what happened
+        raised = next((line for line in reversed(tail) if _RAISED.match(line)), None)
+        if raised:
+            why.append(raised)
     if not why:
         last = next((line for line in reversed(tail) if "Traceback" not in line), None)
         why.append(last or ("the launch ended without rank 0's result" if not have_result else "a rank failed"))

@@ -154,6 +154,8 @@ def test_launch_settings_and_command(tmp_path):
     bad.write_text("[1, 2]")
     with pytest.raises(CacheError, match="is not an mlx.launch hostfile"):
         Launch(hosts=str(bad)).host_names()
+    with pytest.raises(CacheError, match="mlx.launch starts one rank per hostfile entry"):
+        launch_from_settings({"hosts": str(bad), "ranks": 2})
     jaccl = tmp_path / "jaccl.json"  # as mlx.distributed_config writes it: its backend is used unless one is given
     jaccl.write_text(json.dumps({"backend": "jaccl", "hosts": [{"ssh": "mac-a", "ips": ["10.0.0.1"]},
                                                                {"ssh": "mac-b", "ips": ["10.0.0.2"]}]}))
@@ -168,6 +170,8 @@ def test_launch_settings_and_command(tmp_path):
     assert cmd[cmd.index("--") + 1 :] == ["-m", "pytest_kld.shardrank", "--model", "m"]
     assert cmd[cmd.index("--backend") + 1] == "ring" and cmd[cmd.index("-n") + 1] == "2"
     assert 20000 <= int(cmd[cmd.index("--starting-port") + 1]) < 60000  # not mlx.launch's fixed default
+    from_file = launch_command(Launch(hosts=str(jaccl), backend="jaccl"), [])
+    assert from_file[from_file.index("--hostfile") + 1] == str(jaccl.resolve()) and "-n" not in from_file
 
 
 def test_cli_build_over_two_ranks_prints_the_single_process_entry(tiny_model, tmp_path):
