@@ -121,6 +121,7 @@ def ensure_reference(
     allow_shared_cache: bool = False,
     notify: Callable[[str], None] | None = None,
     vocab_backend: str = "auto",
+    launch=None,
 ) -> ReferenceCache:
     """Load the cache entry for this reference, corpus and settings, building it if needed.
     ``vocab_backend`` (auto, numpy, mlx) is where a build does its vocabulary-wide work
@@ -133,7 +134,9 @@ def ensure_reference(
     :func:`plan_reference`. A process waiting for another's build says whose lock it waits for
     (through ``notify``, default stderr) and gives up after ``lock_timeout`` seconds in which
     the holder showed no sign of life (see :mod:`pytest_kld.locking`). A cache directory that
-    other users can write is refused unless ``allow_shared_cache``.
+    other users can write is refused unless ``allow_shared_cache``. ``launch`` (a
+    :class:`pytest_kld.distributed.Launch`) builds over MLX's distributed engine, the reference
+    sharded over its ranks: the same key, lock, format and entry.
     """
     from .locking import OwnedLock
 
@@ -168,7 +171,8 @@ def ensure_reference(
         if on_build is not None:
             on_build(plan)
         try:
-            _build(plan, progress=progress, trust_remote_code=trust_remote_code, vocab_backend=vocab_backend)
+            _build(plan, progress=progress, trust_remote_code=trust_remote_code, vocab_backend=vocab_backend,
+                   launch=launch)
         except BaseException:
             if created:  # a failed first build leaves no empty directory behind
                 lock.discard()
@@ -218,17 +222,28 @@ def check_private(directory: Path, allow_shared: bool = False) -> None:
         )
 
 
-def _build(plan: ReferencePlan, *, progress=None, trust_remote_code: bool = False, vocab_backend: str = "auto") -> None:
-    """Run the reference pass (:mod:`pytest_kld.refpass`) and write the entry atomically (the
-    caller holds the lock)."""
+def _build(plan: ReferencePlan, *, progress=None, trust_remote_code: bool = False, vocab_backend: str = "auto",
+           launch=None) -> None:
+    """Run the reference pass (:mod:`pytest_kld.refpass`, or over ranks:
+    :mod:`pytest_kld.distributed`) and write the entry atomically (the caller holds the lock).
+    A distributed build's entry is validated before it is renamed into place."""
     from .refpass import reference_pass
 
     store._check_writable(plan.entry)  # before the (long) pass, not after it
-    arrays, facts = reference_pass(
-        plan.path, plan.corpus, top_k=plan.settings.top_k, chunk_tokens=plan.settings.chunk_tokens,
-        exec_mode=plan.exec, progress=progress, trust_remote_code=trust_remote_code, name=plan.reference,
-        vocab_backend=vocab_backend,
-    )
+    check = None
+    if launch is not None:
+        from .distributed import sharded_pass
+
+        arrays, facts = sharded_pass(plan, launch, progress=progress, trust_remote_code=trust_remote_code)
+
+        def check(tmp):
+            ReferenceCache.load(tmp, expect_key=plan.key)
+    else:
+        arrays, facts = reference_pass(
+            plan.path, plan.corpus, top_k=plan.settings.top_k, chunk_tokens=plan.settings.chunk_tokens,
+            exec_mode=plan.exec, progress=progress, trust_remote_code=trust_remote_code, name=plan.reference,
+            vocab_backend=vocab_backend,
+        )
     manifest = {
         "format_version": FORMAT_VERSION,
         "key": plan.key,
@@ -244,6 +259,6 @@ def _build(plan: ReferencePlan, *, progress=None, trust_remote_code: bool = Fals
         **facts,
         "shapes": {name: list(a.shape) for name, a in arrays.items()},
     }
-    store._write_entry(plan.entry, arrays, manifest)
+    store._write_entry(plan.entry, arrays, manifest, check=check)
 
 

@@ -76,6 +76,7 @@ def compare(
     trust_remote_code: bool = False,
     progress: Callable[[int, int], None] | None = None,
     full_hash: bool | None = None,
+    launch=None,
 ) -> KldResult:
     """Run ``model`` over the cache's token ids (verbatim) and measure KL(reference || model).
 
@@ -83,7 +84,9 @@ def compare(
     chunking, so self-comparison reproduces the reference's numbers exactly. ``full_hash``
     fingerprints the model's weights by their full contents (True) or a sample of them (False);
     by default the same kind as the cache's reference, so the reference is recognised as itself.
-    ``progress(done, total)`` hears the tokens run.
+    ``progress(done, total)`` hears the tokens run. ``launch`` (a
+    :class:`pytest_kld.distributed.Launch`) runs the model sharded over MLX's distributed
+    engine, for a model too large for one machine; the figures are computed as here, by rank 0.
     """
     from .blas import prefer_system_blas
     from .hub import resolve_model
@@ -96,7 +99,14 @@ def compare(
     fp, is_reference = _identify(cache, path, full_hash)
     settings = cache.manifest["settings"]
     ct = settings["chunk_tokens"] if chunk_tokens is None else chunk_tokens
-    parts, exec_used, followed = _run(cache, path, name, exec or settings["exec"], ct, trust_remote_code, progress)
+    if launch is not None:
+        from .distributed import sharded_compare
+
+        parts, exec_used = sharded_compare(cache, path, name, exec or settings["exec"], ct, launch,
+                                           trust_remote_code=trust_remote_code, progress=progress)
+        followed = None
+    else:
+        parts, exec_used, followed = _run(cache, path, name, exec or settings["exec"], ct, trust_remote_code, progress)
 
     def cat(attr):
         return np.concatenate([getattr(p, attr) for p in parts]) if parts else np.zeros(0)
@@ -138,14 +148,20 @@ def _identify(cache: ReferenceCache, path, full_hash: bool | None) -> tuple[str,
     return fp, same_kind_fp == ref_fp
 
 
-def _run(cache: ReferenceCache, path, name: str, exec_mode: str, chunk_tokens, trust_remote_code: bool, progress):
-    """The model's per-position figures against the cache (one model in memory) and its exec."""
+def _run(cache: ReferenceCache, path, name: str, exec_mode: str, chunk_tokens, trust_remote_code: bool, progress,
+         load=None, share=None):
+    """The model's per-position figures against the cache (one model in memory) and its exec.
+    ``load`` and ``share``: as in :func:`pytest_kld.refpass.reference_pass` (a sharded model)."""
     from .forward import iter_corpus_logprobs, load_model, logits_width
     from .vocab import position_stats
 
-    lm = load_model(path, exec_mode, trust_remote_code=trust_remote_code)
+    lm = (load or load_model)(path, exec_mode, trust_remote_code=trust_remote_code)
     try:
         check_tokenizer(cache, lm.tokenizer, name)
+        chunks = [cache.chunk(i) for i in range(cache.n_chunks)]
+        ranges = [tuple(int(v) for v in r) for r in cache.score_ranges]
+        if share is not None:
+            share(chunks, ranges)
         vocab = int(cache.manifest["vocab_size"])
         width = logits_width(lm.model)
         if width < vocab:
@@ -153,8 +169,6 @@ def _run(cache: ReferenceCache, path, name: str, exec_mode: str, chunk_tokens, t
                 f"{name} has {width} output logits, fewer than the reference's {vocab}; "
                 "it cannot be compared over the reference's vocabulary"
             )
-        chunks = [cache.chunk(i) for i in range(cache.n_chunks)]
-        ranges = [tuple(int(v) for v in r) for r in cache.score_ranges]
         backend = cache.manifest["settings"].get("vocab_backend", "numpy")  # the build's: self-comparison is 0
         parts = [
             position_stats(cache.rows(i, row, row + int(lg.shape[0])), lg, backend)

@@ -268,6 +268,7 @@ def iter_chunk_logprobs(
     chunk_tokens: int | None = None,
     vocab: int | None = None,
     raw: bool = False,
+    logprobs: bool = True,
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Run ``tokens`` (one chunk) through ``model`` in pieces of ``chunk_tokens`` with a KV cache.
 
@@ -282,6 +283,10 @@ def iter_chunk_logprobs(
     piece i + 1. Memory holds at most two pieces' logits, never a whole chunk's (1 GB at 1,024
     positions of a 248k vocabulary). ``raw``: yield the piece's float32 MLX logits instead, for
     :mod:`pytest_kld.vocab` to do the vocabulary-wide work where it chose.
+
+    ``logprobs=False`` runs the same forward passes, evaluated the same way, and yields
+    (offset, None): a rank of a sharded model that takes part in every pass but leaves the
+    vocabulary-wide work to rank 0 (:mod:`pytest_kld.shardrank`).
     """
     import mlx.core as mx
     from mlx_lm.models.cache import make_prompt_cache
@@ -304,10 +309,17 @@ def iter_chunk_logprobs(
             forward(ids[:, s:e], cache, 0, 0)
             evaluate(*_cache_arrays(cache))
         if pending is not None:
-            yield (pending[0], pending[1]) if raw else _to_logprobs(pending)
+            yield _yield(pending, raw, logprobs)
         pending = [lo - start, lg] if lo < hi else None
     if pending is not None:
-        yield (pending[0], pending[1]) if raw else _to_logprobs(pending)
+        yield _yield(pending, raw, logprobs)
+
+
+def _yield(pending, raw: bool, logprobs: bool):
+    """A finished piece as the caller asked: log-probs, the raw MLX logits, or (offset, None)."""
+    if not logprobs:
+        return pending[0], None
+    return (pending[0], pending[1]) if raw else _to_logprobs(pending)
 
 
 def overlap() -> bool:
@@ -347,6 +359,7 @@ def iter_corpus_logprobs(
     vocab: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     raw: bool = False,
+    logprobs: bool = True,
 ) -> Iterator[tuple[int, int, np.ndarray]]:
     """Yield (chunk index, row offset within the chunk's scored rows, float32 log-probs) for
     every forward piece of every chunk (see :func:`iter_chunk_logprobs`).
@@ -359,7 +372,8 @@ def iter_corpus_logprobs(
         progress(0, total)
     for i, (toks, (s, e)) in enumerate(zip(chunks, score_ranges)):
         # Only the tokens up to the last scored output are needed.
-        for row, lp in iter_chunk_logprobs(model, toks[:e], s, e, chunk_tokens=chunk_tokens, vocab=vocab, raw=raw):
+        for row, lp in iter_chunk_logprobs(model, toks[:e], s, e, chunk_tokens=chunk_tokens, vocab=vocab,
+                                           logprobs=logprobs, raw=raw):
             yield i, row, lp
         done += int(e)
         if progress is not None:

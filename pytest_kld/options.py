@@ -89,6 +89,15 @@ OPTIONS: tuple[Option, ...] = (
            "%: relative, else nats)", marker=True),
     Option("full-hash", bool, False, "fingerprint weights by their full contents (sha256-full), not headers, sizes "
            "and a 4 MiB sample per file (sha256-sample, which can miss an edit of a few bytes); reads every byte"),
+    Option("hosts", str, None, "build the reference cache over MLX's distributed engine (mlx.launch) on these "
+           "hosts: an mlx.launch hostfile (JSON) or comma-separated IPs, the first being this machine; the reference "
+           "is sharded by mlx-lm", default_text="none: this machine only"),
+    Option("ranks", int, 1, "processes per host of a distributed reference build (2 and no hosts: two ranks "
+           "on this machine)", minimum=1),
+    Option("backend", str, None, "mlx.launch backend of a distributed reference build",
+           choices=("ring", "jaccl", "jaccl-ring", "mpi"), default_text="the hostfile's, else ring"),
+    Option("shard-quants", bool, False, "run each compared model sharded over the same ranks too (a quant too "
+           "large for one machine); by default quants run in this process"),
 )
 BY_DEST = {o.dest: o for o in OPTIONS}
 MARKER_KEYS = frozenset(o.dest for o in OPTIONS if o.marker)

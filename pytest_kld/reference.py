@@ -315,7 +315,10 @@ def _check_values(arrays: dict, bad) -> None:
 # Writing an entry (the caller holds the lock: pytest_kld.cache)
 
 
-def _write_entry(entry: Path, arrays: dict, manifest: dict) -> None:
+def _write_entry(entry: Path, arrays: dict, manifest: dict, *, check=None) -> None:
+    """Write the entry into a temporary directory beside it, then rename it into place.
+    ``check(tmp)``, when given, validates the written directory before the rename (and raises
+    to keep it out)."""
     from safetensors.numpy import save
 
     tmp = _tmp_name(entry)
@@ -334,6 +337,8 @@ def _write_entry(entry: Path, arrays: dict, manifest: dict) -> None:
             json.dump(manifest, f, indent=1, sort_keys=True)
             f.flush()
             os.fsync(f.fileno())
+        if check is not None:
+            check(tmp)
         if entry.exists():
             old = entry.parent / f".tmp-{entry.name}-old-{uuid.uuid4().hex[:8]}"
             os.rename(entry, old)

@@ -33,15 +33,20 @@ def tokenizer_size(tok) -> int:
 
 
 def reference_pass(path, corpus_spec, *, top_k: int, chunk_tokens, exec_mode: str, progress=None,
-                   trust_remote_code: bool = False, name: str | None = None,
-                   vocab_backend: str = "auto") -> tuple[dict, dict]:
-    """(arrays, manifest facts) of the reference at ``path`` over ``corpus_spec``."""
+                   trust_remote_code: bool = False, name: str | None = None, load=None,
+                   share=None, vocab_backend: str = "auto") -> tuple[dict, dict]:
+    """(arrays, manifest facts) of the reference at ``path`` over ``corpus_spec``.
+
+    ``load`` replaces :func:`pytest_kld.forward.load_model` (same signature; a model sharded
+    over ranks, :mod:`pytest_kld.shardrank`), and ``share(chunks, ranges)`` hears the token ids
+    before the first forward pass (to hand them to the other ranks).
+    """
     from .forward import load_model, logits_width
     from .tokens import tokenize_corpus
 
     name = name or str(path)
     t0 = time.time()
-    lm = load_model(path, exec_mode, trust_remote_code=trust_remote_code)
+    lm = (load or load_model)(path, exec_mode, trust_remote_code=trust_remote_code)
     tok = lm.tokenizer
     if corpus_spec.mode == "drift":  # the reference writes the text: its greedy continuations
         from .drift import reference_corpus
@@ -54,6 +59,8 @@ def reference_pass(path, corpus_spec, *, top_k: int, chunk_tokens, exec_mode: st
     for i, (c, (s, e)) in enumerate(zip(chunks, ranges)):
         if not (0 <= s <= e <= len(c) - 1):
             raise KldError(f"corpus chunk {i}: scored range [{s}, {e}) does not fit its {len(c)} tokens")
+    if share is not None:
+        share(chunks, ranges)
     vocab = logits_width(lm.model)
     tok_len = tokenizer_size(tok)
     if tok_len > vocab:

@@ -56,6 +56,7 @@ def open_reference(
     """The reference cache for settings ``s``: an entry directory as given, else the cache of
     the reference model, built if needed. Says when an existing cache is reused."""
     from .cache import ensure_reference
+    from .distributed import launch_from_settings
     from .reference import ReferenceCache, Settings
 
     if s.get("reference_cache") or is_cache_dir(s["reference"]):
@@ -79,6 +80,7 @@ def open_reference(
         allow_shared_cache=bool(s.get("allow_shared_cache")),
         notify=notify,
         vocab_backend=s.get("vocab_backend") or "auto",
+        launch=launch_from_settings(s),
     )
     if not built:
         _say_reused(cache, notify)
@@ -128,6 +130,7 @@ def _say_reused(cache, notify) -> None:
 def compare_model(cache, s: dict, model, *, name=None, exec=None, revision=None, progress=None):
     """Compare ``model`` with the cache under settings ``s`` (a KldResult)."""
     from .compare import compare
+    from .distributed import launch_from_settings
 
     return compare(
         cache,
@@ -139,6 +142,7 @@ def compare_model(cache, s: dict, model, *, name=None, exec=None, revision=None,
         trust_remote_code=bool(s.get("trust_remote_code")),
         full_hash=bool(s.get("full_hash")),
         progress=progress,
+        launch=launch_from_settings(s) if s.get("shard_quants") else None,
     )
 
 

@@ -113,9 +113,9 @@ def main():
     elif cfg["job"] == "kill":
         write, fsync, rename = R._write_entry, R._fsync, os.rename
 
-        def slow_write(entry, arrays, manifest):
+        def slow_write(entry, arrays, manifest, **kw):
             say("writing")
-            write(entry, arrays, manifest)
+            write(entry, arrays, manifest, **kw)
 
         # Widen the write phase so that kills land inside it: after the arrays, around renames.
         def slow_fsync(path):
