@@ -10,7 +10,8 @@ backend ran.
   a CPU this is the faster one (numpy's log-softmax is ~6x MLX's CPU one).
 - ``mlx``: the same operations in MLX, where the logits already are; on Apple silicon they run on
   the GPU, and only [rows, K] arrays are copied back.
-- ``auto`` (default): at a build, both run on the first piece, and MLX is kept when it is at
+- ``auto`` (default): on a CPU device, numpy (measured faster there, and deterministic). With a
+  GPU, at a build both run on the first piece, and MLX is kept when it is at
   least :data:`MLX_MARGIN` times faster, numpy otherwise (a near tie would let load flip it); the choice
   and both times are recorded in the cache, and every comparison against that cache uses the
   same backend, so a reference compared with itself still gives exactly 0.
@@ -85,11 +86,20 @@ def position_stats(ref: SparseRows, lg, backend: str) -> PositionStats:
                          np.array(q_arg), np.array(finite))
 
 
-def choose(lg, targets: np.ndarray, k: int, requested: str) -> tuple[str, dict]:
+def choose(lg, targets: np.ndarray, k: int, requested: str, device: str | None = None) -> tuple[str, dict]:
     """(backend, seconds each took) for a build: ``requested`` unless ``auto``, which times both
-    on this piece (each run twice, the faster run counted: the first MLX run compiles)."""
+    on this piece (each run twice, the faster run counted: the first MLX run compiles) when MLX
+    runs on a GPU. On a CPU device ``auto`` is numpy without timing: benchmarks/bench_vocab.py
+    measured it 2.7-12x faster there, and timing a small piece on a busy machine could flip the
+    choice, and with it the cache's last bits, from one build to the next."""
     if requested in ("numpy", "mlx"):
         return requested, {}
+    if device is None:
+        import mlx.core as mx
+
+        device = "cpu" if mx.default_device().type == mx.DeviceType.cpu else "gpu"
+    if device == "cpu":
+        return "numpy", {}
     seconds = {}
     for name in ("numpy", "mlx"):
         best = float("inf")

@@ -58,10 +58,28 @@ def test_each_backend_recorded_and_self_comparison_exactly_zero(tiny_model, pros
     assert q.summary["mean"] > 0
 
 
-def test_auto_times_both_and_keeps_the_faster(tiny_model, prose_spec, tmp_path):
+def test_auto_is_numpy_on_a_cpu_and_rebuilds_the_same_bytes(tiny_model, prose_spec, tmp_path):
+    import mlx.core as mx
+
+    if mx.default_device().type != mx.DeviceType.cpu:
+        pytest.skip("this machine runs MLX on a GPU: auto times both there (next test)")
     cache = ensure_reference(tiny_model("llama"), prose_spec, cache_dir=tmp_path)
     chosen = cache.manifest["vocab_backend"]
-    assert chosen["requested"] == "auto" and set(chosen["seconds"]) == {"numpy", "mlx"}
-    s = chosen["seconds"]
-    assert chosen["chosen"] == ("mlx" if s["mlx"] * 1.5 < s["numpy"] else "numpy")
-    assert cache.manifest["settings"]["vocab_backend"] == chosen["chosen"]
+    assert chosen["requested"] == "auto" and chosen["chosen"] == "numpy" and chosen["seconds"] == {}
+    assert cache.manifest["settings"]["vocab_backend"] == "numpy"
+    again = ensure_reference(tiny_model("llama"), prose_spec, cache_dir=tmp_path, rebuild=True)
+    assert np.array_equal(again.topk_logprobs, cache.topk_logprobs) and np.array_equal(again.tail, cache.tail)
+
+
+def test_auto_with_a_gpu_times_both_and_keeps_the_clearly_faster():
+    import mlx.core as mx
+
+    from pytest_kld.vocab import MLX_MARGIN, choose
+
+    rng = np.random.default_rng(0)
+    lg = mx.array(rng.normal(size=(64, 4096)).astype(np.float32))
+    targets = rng.integers(0, 4096, size=64)
+    chosen, s = choose(lg, targets, 32, "auto", device="gpu")
+    assert set(s) == {"numpy", "mlx"} and all(v > 0 for v in s.values())
+    assert chosen == ("mlx" if s["mlx"] * MLX_MARGIN < s["numpy"] else "numpy")
+    assert choose(lg, targets, 32, "mlx", device="cpu") == ("mlx", {})
