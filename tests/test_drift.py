@@ -63,6 +63,28 @@ def test_cached_continuation_is_the_reference_greedy_one_and_match_is_the_first_
     assert r.summary["drift_kld_late"] == pytest.approx(float(r.kl[steps >= 2 * N / 3].mean()))
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen3_5"])
+def test_greedy_with_the_generation_cache_equals_full_recomputation(tiny_model, spec, arch):
+    """greedy() steps mlx-lm's generation cache (for qwen3_5 also the linear-attention layers'
+    conv and recurrent state): its tokens equal the argmax of the whole sequence re-run through
+    the model at every step, with no cache at all. An end-of-sequence id ends it after that token."""
+    import mlx.core as mx
+
+    from pytest_kld.forward import load_model
+
+    lm = load_model(tiny_model(arch), "float32")
+    try:
+        for prompt, _, _ in drift.prompt_ids(spec, lm.tokenizer)[:3]:
+            seq = list(prompt)
+            for _ in range(10):
+                seq.append(int(mx.argmax(lm.model(mx.array(seq, dtype=mx.int32)[None])[0, -1]).item()))
+            free = drift.greedy(lm.model, prompt, 10)
+            assert free == seq[len(prompt):]
+            assert drift.greedy(lm.model, prompt, 10, {free[4]}) == free[: free.index(free[4]) + 1]
+    finally:
+        lm.release()
+
+
 def test_a_differing_pick_where_the_reference_is_torn_is_a_tie(monkeypatch):
     """The quant would say 9 at step 1 and 8 at step 3; the reference's top-2 were within
     TIE_NATS at step 1 only: step 1 is a tie (the quant is put back on the reference's token),
