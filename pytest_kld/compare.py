@@ -170,11 +170,11 @@ def _run(cache: ReferenceCache, path, name: str, exec_mode: str, chunk_tokens, t
                 "it cannot be compared over the reference's vocabulary"
             )
         backend = cache.manifest["settings"].get("vocab_backend", "numpy")  # the build's: self-comparison is 0
-        parts = [
-            position_stats(cache.rows(i, row, row + int(lg.shape[0])), lg, backend)
-            for i, row, lg in iter_corpus_logprobs(lm.model, chunks, ranges, chunk_tokens=chunk_tokens,
-                                                   vocab=vocab, progress=progress, raw=True)
-        ]
+        parts = []
+        for i, row, lg in iter_corpus_logprobs(lm.model, chunks, ranges, chunk_tokens=chunk_tokens,
+                                               vocab=vocab, progress=progress, raw=True):
+            parts.append(position_stats(cache.rows(i, row, row + int(lg.shape[0])), lg, backend))
+            del lg  # one piece's logits alive at a time (forward.iter_chunk_logprobs)
         followed = None
         if (cache.manifest.get("corpus") or {}).get("mode") == "drift":  # its own greedy continuations
             from .drift import follow

@@ -46,37 +46,83 @@ class SparseRows:
     target_ids: np.ndarray  # [n] the token that actually follows (from the cached token ids)
 
 
-def sparsify(lp, targets: np.ndarray, top_k: int) -> SparseRows:
+def sparsify(lp, targets: np.ndarray, top_k: int, *, logits: bool = False) -> SparseRows:
     """Top-K of float32 log-probs ``lp`` ([n, V]) with the tail mass, no cancellation.
 
     The tail is log Σ_{x ∉ top-K} p(x), a log-sum-exp over the remaining entries, never
-    ``log(1 - Σ top-K)``, which loses all precision when the tail is small.
+    ``log(1 - Σ top-K)``, which loses all precision when the tail is small. The top K are
+    ordered most probable first, equal log-probs by token id (the same rule whatever the
+    selection method: :func:`top_k_ids`).
+
+    ``logits=True``: ``lp`` holds raw logits (a read-only view of the forward pass's output is
+    fine: it is never written); the log-softmax is done block by block of :data:`ROW_BLOCK`
+    rows, with the same figures as :func:`log_softmax` of the whole piece, without a copy of it.
     """
     lp = np.asarray(lp, dtype=np.float32)
     n, v = lp.shape
     k = min(int(top_k), int(v))
-    rows = np.arange(n)
-    target = lp[rows, np.asarray(targets, dtype=np.int64)]
-    if k == v:
-        idx = np.argsort(-lp, axis=-1, kind="stable")
-        tail = np.full(n, -np.inf, dtype=np.float32)
-    else:
-        idx = np.empty((n, k), dtype=np.int64)
-        tail = np.empty(n, dtype=np.float32)
-        for b in _blocks(n):  # vocabulary-wide temporaries for one block of rows at a time
-            part = np.argpartition(-lp[b], k - 1, axis=-1)[:, :k]
-            order = np.argsort(-np.take_along_axis(lp[b], part, axis=-1), axis=-1, kind="stable")
-            idx[b] = np.take_along_axis(part, order, axis=-1)
-            rest = lp[b].copy()
+    targets = np.asarray(targets, dtype=np.int64)
+    idx = np.empty((n, k), dtype=np.int64)
+    vals = np.empty((n, k), dtype=np.float32)
+    tail = np.full(n, -np.inf, dtype=np.float32)
+    target = np.empty(n, dtype=np.float32)
+    for b in _blocks(n):  # vocabulary-wide temporaries for one block of rows at a time
+        x = _normalised(lp[b]) if logits else lp[b]
+        target[b] = x[np.arange(x.shape[0]), targets[b]]
+        idx[b] = top_k_ids(x, k)
+        vals[b] = np.take_along_axis(x, idx[b], axis=-1)
+        if k < v:
+            rest = x if logits else x.copy()  # a fresh block from _normalised may be written
             np.put_along_axis(rest, idx[b], -np.inf, axis=-1)
             tail[b] = _logsumexp(rest)
-    return SparseRows(
-        ids=idx.astype(np.int64),
-        logprobs=np.take_along_axis(lp, idx, axis=-1).astype(np.float32),
-        tail=tail.astype(np.float32),
-        target=target.astype(np.float32),
-        target_ids=np.asarray(targets, dtype=np.int64),
-    )
+    return SparseRows(ids=idx, logprobs=vals, tail=tail, target=target, target_ids=targets)
+
+
+def top_k_ids(x: np.ndarray, k: int) -> np.ndarray:
+    """The ids of each row's ``k`` largest values ([rows, k], int64), largest first, equal values
+    by lower id (a rule, so the cache's bytes do not depend on the selection algorithm).
+
+    Finding them without partitioning the whole vocabulary: a strided sample of each row gives a
+    threshold with, almost always, somewhat more than ``k`` values at or above it; those
+    candidates (every value equal to the k-th included) are then ordered exactly. A row where
+    the sample's threshold leaves fewer than ``k`` takes its exact k-th value as the threshold.
+    Rows that hold NaN (a broken model; the caller refuses them) fall back to a plain partition.
+    """
+    rows, v = x.shape
+    if k >= v:
+        return np.argsort(-x, axis=-1, kind="stable")
+    stride = TOPK_STRIDE if v >= 4 * TOPK_STRIDE * k else 1
+    if stride > 1:
+        sample = x[:, ::stride]
+        j = min(sample.shape[1], 2 * (-(-k // stride)))  # about 2k candidates expected
+        t = np.partition(sample, sample.shape[1] - j, axis=-1)[:, sample.shape[1] - j]
+    else:
+        t = np.partition(x, v - k, axis=-1)[:, v - k]
+    mask = x >= t[:, None]
+    counts = mask.sum(axis=-1)
+    short = counts < k
+    if short.any():  # the sample was unlucky for these rows: the exact k-th value
+        t[short] = np.partition(x[short], v - k, axis=-1)[:, v - k]
+        mask[short] = x[short] >= t[short][:, None]
+        counts[short] = mask[short].sum(axis=-1)
+    out = np.empty((rows, k), dtype=np.int64)
+    bad = counts < k  # NaN in the row: no order exists; any k ids
+    if bad.any():
+        out[bad] = np.argpartition(np.nan_to_num(-x[bad], nan=np.inf), k - 1, axis=-1)[:, :k]
+    good = ~bad
+    if good.any():
+        r, c = np.nonzero(mask & good[:, None])  # row-major: ids ascending within a row
+        width = int(counts[good].max())
+        starts = np.concatenate([[0], np.cumsum(counts[good])[:-1]])
+        row_of = np.cumsum(good) - 1  # position of each good row among the good rows
+        pos = np.arange(r.size) - np.repeat(starts, counts[good])
+        cand = np.full((int(good.sum()), width), -np.inf, dtype=x.dtype)
+        cid = np.full((int(good.sum()), width), v, dtype=np.int64)  # padding sorts after every id
+        cand[row_of[r], pos] = x[r, c]
+        cid[row_of[r], pos] = c
+        order = np.lexsort((cid, -cand), axis=-1)[:, :k]
+        out[good] = np.take_along_axis(cid, order, axis=-1)
+    return out
 
 
 @dataclass
@@ -89,28 +135,34 @@ class PositionStats:
     quant_target: np.ndarray  # log p_quant(next token)
 
 
-def compare_rows(ref: SparseRows, lq, *, tail_spread: bool = True) -> PositionStats:
+def compare_rows(ref: SparseRows, lq, *, tail_spread: bool = True, logits: bool = False) -> PositionStats:
     """KL(reference ‖ quant) at each position from the sparse reference and dense quant log-probs.
 
-    ``lq`` is the quant's float32 log-probs over the reference's vocabulary ([n, V]).
-    ``tail_spread``: add the tail's estimated inner KL (module docstring); False gives the
-    one-bin lower bound.
+    ``lq`` is the quant's float32 log-probs over the reference's vocabulary ([n, V]), or with
+    ``logits=True`` its raw logits (never written), normalised block by block as in
+    :func:`sparsify`. ``tail_spread``: add the tail's estimated inner KL (module docstring);
+    False gives the one-bin lower bound.
     """
     lq = np.asarray(lq, dtype=np.float32)
     n = lq.shape[0]
-    finite = np.all(np.isfinite(lq), axis=-1)
-    q_arg = np.argmax(lq, axis=-1)
-    q_target = lq[np.arange(n), ref.target_ids].astype(np.float64)
-    q_top = np.take_along_axis(lq, ref.ids, axis=-1).astype(np.float64)
-    if bool(np.any(np.isfinite(ref.tail))):
-        q_tail = np.empty(n)
-        for b in _blocks(n):  # one block of the piece copied at a time, not the whole piece
-            rest = lq[b].copy()
+    finite = np.empty(n, dtype=bool)
+    q_arg = np.empty(n, dtype=np.int64)
+    q_target = np.empty(n)
+    q_top = np.empty(ref.ids.shape)
+    has_tail = bool(np.any(np.isfinite(ref.tail)))
+    q_tail = np.full(n, -np.inf)
+    for b in _blocks(n):  # one block of the piece at a time, not a copy of the whole piece
+        with np.errstate(invalid="ignore"):
+            x = _normalised(lq[b]) if logits else lq[b]
+        finite[b] = np.all(np.isfinite(x), axis=-1)
+        q_arg[b] = np.argmax(x, axis=-1)
+        q_target[b] = x[np.arange(x.shape[0]), ref.target_ids[b]]
+        q_top[b] = np.take_along_axis(x, ref.ids[b], axis=-1)
+        if has_tail:
+            rest = x if logits else x.copy()
             np.put_along_axis(rest, ref.ids[b], -np.inf, axis=-1)
             with np.errstate(invalid="ignore"):
                 q_tail[b] = _logsumexp(rest)
-    else:
-        q_tail = np.full(n, -np.inf)
     return kl_from_parts(ref, q_top, q_tail, q_target, q_arg, finite, tail_spread=tail_spread)
 
 
@@ -151,6 +203,13 @@ def tail_inner_kl(log_ratio: np.ndarray) -> np.ndarray:
 
 
 ROW_BLOCK = 32  # rows per block of vocabulary-wide temporaries: 32 × 248,320 × 4 B = 32 MB
+TOPK_STRIDE = 8  # top_k_ids samples every 8th value of a row for its threshold
+
+
+def _normalised(lg: np.ndarray) -> np.ndarray:
+    """Float32 log-softmax of one block of logit rows, as a new array (the input is not written):
+    the same figures as :func:`log_softmax`, whose log-sum-exp runs over the same blocks."""
+    return lg - _logsumexp(lg)[..., None]
 
 
 def _blocks(n: int):

@@ -148,6 +148,7 @@ def load_model(path: Path, exec_mode: str = "auto", *, trust_remote_code: bool =
             str(path),
             tokenizer_config={"trust_remote_code": trust_remote_code},
             trust_remote_code=trust_remote_code,
+            lazy=True,  # read when evaluated below: widened to float32 tensor by tensor, not all twice
         )
     except ValueError as e:
         msg = _one_line(e)
@@ -168,7 +169,11 @@ def load_model(path: Path, exec_mode: str = "auto", *, trust_remote_code: bool =
     if exec_used == "float32":
         dequantize_to_float32(model)
         cast_float32(model)
-    mx.eval(model.parameters())
+    try:
+        mx.eval(model.parameters())
+    except (RuntimeError, ValueError, OSError) as e:  # the weights are read here (lazy load)
+        raise ModelError(f"{path}: could not read the model's weights ({_one_line(e)}); re-download or re-convert it") from None
+    mx.clear_cache()  # buffers of the loading steps, not kept beside the model
     return LoadedModel(model, tokenizer, Path(path), exec_used)
 
 
@@ -228,9 +233,10 @@ def scored_logits(model) -> Callable:
         split = _output_split(model) or False
         model._pytest_kld_split = split
     if not split:
-        return lambda ids, cache, lo, hi: model(ids, cache=cache)[0, lo:hi]
+        return lambda ids, cache, lo, hi: model(ids, cache=cache).squeeze(0)[lo:hi]
     body, head = split
-    return lambda ids, cache, lo, hi: head(body(ids, cache=cache)[:, lo:hi])[0]
+    # squeeze, not [0]: MLX's integer index gathers a copy of the piece's logits; squeeze is a view
+    return lambda ids, cache, lo, hi: head(body(ids, cache=cache)[:, lo:hi]).squeeze(0)
 
 
 def _output_split(model):
@@ -280,8 +286,11 @@ def iter_chunk_logprobs(
     Logits are computed at scored rows only (:func:`scored_logits`). Each piece is started with
     ``mx.async_eval`` before the previous piece's log-probs are handed out, so the caller's
     vocabulary-wide work on piece i (numpy, which releases the GIL) overlaps the forward pass of
-    piece i + 1. Memory holds at most two pieces' logits, never a whole chunk's (1 GB at 1,024
-    positions of a 248k vocabulary). ``raw``: yield the piece's float32 MLX logits instead, for
+    piece i + 1 (on a GPU: :func:`overlap`); memory then holds two pieces' logits, never a whole
+    chunk's (1 GB at 1,024 positions of a 248k vocabulary). Without overlap each piece is handed
+    out as soon as it is computed and dropped before the next: one piece's logits at a time, if
+    the caller lets go of it too (``del`` it before asking for the next). ``raw``: yield the
+    piece's float32 MLX logits instead, for
     :mod:`pytest_kld.vocab` to do the vocabulary-wide work where it chose.
 
     ``logprobs=False`` runs the same forward passes, evaluated the same way, and yields
@@ -295,7 +304,8 @@ def iter_chunk_logprobs(
     step = n if not chunk_tokens or chunk_tokens <= 0 else int(chunk_tokens)
     cache = make_prompt_cache(model)
     forward = scored_logits(model)
-    evaluate = mx.async_eval if overlap() else mx.eval
+    ahead = overlap()
+    evaluate = mx.async_eval if ahead else mx.eval
     ids = mx.array(tokens.astype(np.int32))[None]
     pending = None  # (offset, logits being computed) of the previous scored piece
     for s in range(0, min(n, end), step):
@@ -311,6 +321,10 @@ def iter_chunk_logprobs(
         if pending is not None:
             yield _yield(pending, raw, logprobs)
         pending = [lo - start, lg] if lo < hi else None
+        lg = None
+        if not ahead and pending is not None:  # nothing to overlap: one piece's logits alive at a time
+            yield _yield(pending, raw, logprobs)
+            pending = None
     if pending is not None:
         yield _yield(pending, raw, logprobs)
 
@@ -375,6 +389,7 @@ def iter_corpus_logprobs(
         for row, lp in iter_chunk_logprobs(model, toks[:e], s, e, chunk_tokens=chunk_tokens, vocab=vocab,
                                            logprobs=logprobs, raw=raw):
             yield i, row, lp
+            del lp  # not held while the next piece is computed
         done += int(e)
         if progress is not None:
             progress(done, total)

@@ -133,6 +133,7 @@ def _sparse_records(model, chunks, ranges, k: int, vocab: int, chunk_tokens, pro
         lp_l.append(rows.logprobs)
         tail_l.append(rows.tail)
         tgt_l.append(rows.target)
+        del lg  # one piece's logits alive at a time (forward.iter_chunk_logprobs)
     return {
         "topk_ids": np.concatenate(ids_l) if ids_l else np.zeros((0, k), idt),
         "topk_logprobs": np.concatenate(lp_l) if lp_l else np.zeros((0, k), np.float32),

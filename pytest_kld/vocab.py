@@ -6,8 +6,9 @@ the tail's log-sum-exp at the reference's top-K ids (a comparison). Only [rows, 
 this stage; the float64 reductions that make KL are :mod:`pytest_kld.divergence`'s, whichever
 backend ran.
 
-- ``numpy``: the logits are copied to numpy and done there (row-blocked, small temporaries). On
-  a CPU this is the faster one (numpy's log-softmax is ~6x MLX's CPU one).
+- ``numpy``: numpy reads the logits where MLX left them (a read-only view through the buffer
+  protocol, no copy of the piece) and works block by block of rows (small temporaries). On a
+  CPU this is the faster one (numpy's log-softmax is ~6x MLX's CPU one).
 - ``mlx``: the same operations in MLX, where the logits already are; on Apple silicon they run on
   the GPU, and only [rows, K] arrays are copied back.
 - ``auto`` (default): on a CPU device, numpy (measured faster there, and deterministic). With a
@@ -40,10 +41,16 @@ def logprobs(lg, backend: str):
     return log_softmax(np.array(lg))
 
 
+def _view(lg) -> np.ndarray:
+    """The evaluated MLX array ``lg`` as numpy, without a copy where the memory allows (the
+    buffer protocol; only read)."""
+    return np.asarray(lg)
+
+
 def sparse_rows(lg, targets: np.ndarray, k: int, backend: str) -> SparseRows:
     """The reference's record of a piece (top-K ids and log-probs, tail, target) from its logits."""
     if backend != "mlx":
-        return sparsify(logprobs(lg, "numpy"), targets, k)
+        return sparsify(_view(lg), targets, k, logits=True)
     import mlx.core as mx
 
     lp = logprobs(lg, "mlx")
@@ -70,7 +77,7 @@ def position_stats(ref: SparseRows, lg, backend: str) -> PositionStats:
     if backend != "mlx":
         from .divergence import compare_rows
 
-        return compare_rows(ref, logprobs(lg, "numpy"))
+        return compare_rows(ref, _view(lg), logits=True)
     import mlx.core as mx
 
     lq = logprobs(lg, "mlx")

@@ -83,3 +83,96 @@ def test_auto_with_a_gpu_times_both_and_keeps_the_clearly_faster():
     assert set(s) == {"numpy", "mlx"} and all(v > 0 for v in s.values())
     assert chosen == ("mlx" if s["mlx"] * MLX_MARGIN < s["numpy"] else "numpy")
     assert choose(lg, targets, 32, "mlx", device="cpu") == ("mlx", {})
+
+
+def _old_sparsify(lp, targets, k):
+    """The selection as it was before top_k_ids (argpartition of the whole row, then a stable
+    sort of the K values): the figures every existing cache was built with."""
+    idx = np.argpartition(-lp, k - 1, axis=-1)[:, :k]
+    idx = np.take_along_axis(idx, np.argsort(-np.take_along_axis(lp, idx, axis=-1), axis=-1, kind="stable"), axis=-1)
+    rest = lp.copy()
+    np.put_along_axis(rest, idx, -np.inf, axis=-1)
+    return idx, np.take_along_axis(lp, idx, axis=-1), logsumexp(rest)
+
+
+@pytest.mark.parametrize("vocab", [3000, 49_152])
+def test_logits_read_in_place_give_the_same_bytes_as_a_copied_log_softmax(vocab):
+    """The numpy path reads the forward pass's logits where they are (never written) and
+    normalises block by block: the same bytes as a log-softmax of a copy of the whole piece, and
+    as the whole-row argpartition it replaced (at 49,152 the sampled threshold is used)."""
+    rng = np.random.default_rng(1)
+    ref = rng.normal(0, 3, (75, vocab)).astype(np.float32)
+    quant = (ref + rng.normal(0, 0.3, ref.shape)).astype(np.float32)
+    targets = rng.integers(0, vocab, 75)
+    ref.flags.writeable = quant.flags.writeable = False  # a write would raise
+    rows = sparsify(ref, targets, 256, logits=True)
+    copied = sparsify(log_softmax(ref.copy()), targets, 256)
+    ids, vals, tail = _old_sparsify(log_softmax(ref.copy()), targets, 256)
+    assert np.array_equal(rows.ids, ids) and np.array_equal(rows.logprobs, vals) and np.array_equal(rows.tail, tail)
+    for name in ("ids", "logprobs", "tail", "target", "target_ids"):
+        assert np.array_equal(getattr(rows, name), getattr(copied, name)), name
+    kl_in_place = compare_rows(rows, quant, logits=True)
+    kl_copied = compare_rows(rows, log_softmax(quant.copy()))
+    for name in ("kl", "top1", "ref_target", "quant_target"):
+        assert np.array_equal(getattr(kl_in_place, name), getattr(kl_copied, name)), name
+    assert kl_in_place.kl.mean() > 0.01 and np.all(compare_rows(rows, ref, logits=True).kl == 0.0)
+
+
+def test_top_k_ties_go_to_the_lower_id_and_unlucky_samples_fall_back():
+    """Equal values are ordered (and cut at K) by token id, whichever way the candidates were
+    found; a row whose strided sample holds the top values takes the exact threshold; a NaN row
+    gives K ids without failing (the build refuses it afterwards)."""
+    v, k = 49_152, 256
+    rng = np.random.default_rng(2)
+    tied = np.round(rng.normal(0, 2, (40, v))).astype(np.float32)  # a few dozen distinct values
+    got = divergence.top_k_ids(tied, k)
+    for i in range(len(tied)):
+        assert np.array_equal(got[i], np.lexsort((np.arange(v), -tied[i]))[:k]), i
+    unlucky = rng.normal(0, 1, (3, v)).astype(np.float32)
+    unlucky[:, :: divergence.TOPK_STRIDE][:, :400] += 50  # the sample is all top values
+    assert np.array_equal(divergence.top_k_ids(unlucky, k), np.argsort(-unlucky, axis=-1, kind="stable")[:, :k])
+    broken = rng.normal(0, 1, (2, v)).astype(np.float32)
+    broken[0] = np.nan
+    out = divergence.top_k_ids(broken, k)
+    assert out.shape == (2, k) and np.array_equal(out[1], np.argsort(-broken[1], kind="stable")[:k])
+
+
+@pytest.mark.parametrize("split", [True, False])
+def test_a_scored_piece_holds_one_copy_of_its_logits(split, monkeypatch):
+    """A forward piece's logits are handed out as a view of the head's output (no gathered copy)
+    and dropped before the next piece (without overlap): MLX's peak memory over a build-shaped
+    pass (first piece unscored, then scored pieces) stays within a bare forward pass's, which holds
+    one piece of logits too. A copy would add a whole piece: 256 x 32,768 x 4 B = 32 MB."""
+    import mlx.core as mx
+    from mlx_lm.models import llama
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from pytest_kld.forward import iter_chunk_logprobs
+
+    monkeypatch.setenv("PYTEST_KLD_OVERLAP", "0")  # a CPU's way (with overlap, two pieces by design)
+    args = llama.ModelArgs(model_type="llama", hidden_size=64, num_hidden_layers=2, intermediate_size=128,
+                           num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=32_768,
+                           tie_word_embeddings=False)
+    model = llama.Model(args)
+    mx.eval(model.parameters())
+    if not split:
+        model._pytest_kld_split = False  # the model's own call, sliced
+    tokens = np.random.default_rng(0).integers(0, args.vocab_size, 1025).astype(np.int32)
+    piece = 256 * args.vocab_size * 4
+
+    def bare():
+        cache = make_prompt_cache(model)
+        for s in range(0, 1024, 256):
+            mx.eval(model(mx.array(tokens[None, s:s + 256]), cache=cache))
+
+    bare()  # warm: the allocator's cache holds what the pass needs
+    mx.reset_peak_memory()
+    bare()
+    bare_peak = mx.get_peak_memory()
+    mx.reset_peak_memory()
+    rows = 0
+    for _, lg in iter_chunk_logprobs(model, tokens, 256, 1024, chunk_tokens=256, raw=True):
+        rows += int(lg.shape[0])
+        del lg
+    assert rows == 768
+    assert mx.get_peak_memory() <= bare_peak + piece // 4, (mx.get_peak_memory() - bare_peak) / piece
