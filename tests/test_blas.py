@@ -63,3 +63,34 @@ def test_a_relative_blas_path_is_refused(planted_dir, monkeypatch):
     p = subprocess.run([sys.executable, "-c", CHILD], cwd=planted_dir, capture_output=True, text=True)
     assert not (planted_dir / "PLANTED-LIBRARY-RAN").exists()
     assert "give the library's absolute path" in p.stdout
+
+
+THREADS = (
+    "import ctypes; from pytest_kld.blas import prefer_system_blas; d = prefer_system_blas();"
+    "print(ctypes.CDLL(d.split(' ', 1)[1]).openblas_get_num_threads() if d.startswith('OpenBLAS ') else d)"
+)
+
+
+@pytest.mark.parametrize("worker", [None, "gw0"])
+def test_an_xdist_worker_runs_one_openblas_thread(worker, monkeypatch, tmp_path):
+    """Each xdist worker is already one process per core: its OpenBLAS runs one thread, so that
+    spinning threads of two workers (a demo quant's GPTQ step beside a test) do not take turns on
+    the cores (benchmarks/bench_threads.py: 4.1 s against 2.5 s beside such a neighbour). Outside
+    xdist OpenBLAS keeps one thread per core (the fastest alone); OPENBLAS_NUM_THREADS wins."""
+    import os
+
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "PYTEST_XDIST_WORKER", "PYTEST_KLD_BLAS"):
+        monkeypatch.delenv(var, raising=False)
+    if worker:
+        monkeypatch.setenv("PYTEST_XDIST_WORKER", worker)
+    p = subprocess.run([sys.executable, "-c", THREADS], cwd=tmp_path, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    if not p.stdout.strip().isdigit():
+        pytest.skip(f"no OpenBLAS loaded here ({p.stdout.strip()}): nothing to count")
+    if worker:
+        assert int(p.stdout) == 1
+    elif len(os.sched_getaffinity(0)) > 1:
+        assert int(p.stdout) > 1, p.stdout
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "2")
+    p = subprocess.run([sys.executable, "-c", THREADS], cwd=tmp_path, capture_output=True, text=True)
+    assert p.stdout.strip() == "2", p.stdout

@@ -190,11 +190,19 @@ def test_cache_is_small_and_typed(cache_for):
     assert cache.manifest["bytes_per_position"] == 6 * 256 + 8
 
 
-def test_cache_reused_not_rebuilt(tiny_model, prose_spec, tmp_path):
+def test_cache_reused_not_rebuilt(tiny_model, prose_spec, tmp_path, monkeypatch):
+    import pytest_kld.forward
+
     builds = []
     kw = dict(cache_dir=tmp_path, on_build=builds.append)
     a = ensure_reference(tiny_model("llama"), prose_spec, Settings(top_k=8), **kw)
-    b = ensure_reference(tiny_model("llama"), prose_spec, Settings(top_k=8), **kw)
+
+    def no_load(*a, **k):
+        raise AssertionError("a warm rerun loaded the reference model")
+
+    with monkeypatch.context() as m:  # a warm rerun opens the cache: no model is loaded
+        m.setattr(pytest_kld.forward, "load_model", no_load)
+        b = ensure_reference(tiny_model("llama"), prose_spec, Settings(top_k=8), **kw)
     assert len(builds) == 1 and a.path == b.path
     c = ensure_reference(tiny_model("llama"), prose_spec, Settings(top_k=8), rebuild=True, **kw)
     assert len(builds) == 2 and c.path == a.path
@@ -313,3 +321,20 @@ def test_tail_spread_exact_cases():
     # fewer than two ranks in the window [K/2, K): no correction
     assert np.all(tail_inner_kl(np.ones((3, 1))) == 0) and np.all(tail_inner_kl(np.ones((3, 2))) == 0)
     np.testing.assert_allclose(tail_inner_kl(np.array([[9.0, 9.0, 1.0, 3.0]])), [0.5])  # ½ Var(1, 3)
+
+
+@pytest.mark.parametrize("arch_", ["llama", "qwen3_5"])
+def test_overlapped_pieces_change_no_result(arch_, tiny_model, prose_spec, tmp_path, monkeypatch):
+    """The next forward piece started (mx.async_eval) while the previous piece's vocabulary work
+    runs, as on a GPU, against one piece at a time, as on a CPU: the same cache bytes and the
+    same KL, position for position."""
+    out = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("PYTEST_KLD_OVERLAP", flag)
+        cache = ensure_reference(tiny_model(arch_), prose_spec, Settings(chunk_tokens=32), cache_dir=tmp_path / flag)
+        out[flag] = (cache, compare(cache, tiny_model(arch_, bits=4)).kl)
+    (a, kl_a), (b, kl_b) = out["0"], out["1"]
+    assert a.manifest["key"] == b.manifest["key"]
+    for name in ("topk_ids", "topk_logprobs", "tail", "target"):
+        assert np.array_equal(getattr(a, name), getattr(b, name)), name
+    assert np.array_equal(kl_a, kl_b) and kl_a.mean() > 0
