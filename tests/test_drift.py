@@ -138,6 +138,91 @@ def test_not_drift(assert_kld):
     result.stdout.fnmatch_lines(["*drift_match: measured only in drift mode*FAILED*"])
     result.stdout.fnmatch_lines(["generation drift: greedy, up to 8 tokens per prompt*",
                                  "model*match*median*to end*strict*ties*KLD early*middle*late"])
-    rows = {r["model"]: r for r in json.loads(out.read_text())["results"]}
+    from tiny import validate_results
+
+    doc = json.loads(out.read_text())
+    validate_results(doc)  # the shipped schema knows the drift mode and its figures
+    rows = {r["model"]: r for r in doc["results"]}
     s = rows["strict"]["summary"]
     assert rows["strict"]["mode"] == "drift" and 0 <= s["drift_match"] <= 8 and s["drift_tokens"] == 8
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3_5"])
+def test_match_and_trajectory_kld_against_mlx_lm_generation_and_dense_float64(tiny_model, tmp_path, arch):
+    """Independent of drift.py's own code: the quant's strict match length is where mlx-lm's
+    stream_generate (greedy sampler) first leaves the reference's cached continuation; with K =
+    the vocabulary the sparse record is exact, so each step's KL equals a dense float64 KL of the
+    two models' log-probs from one un-chunked forward pass over the whole sequence."""
+    import mlx.core as mx
+    from mlx_lm.generate import stream_generate
+    from mlx_lm.sample_utils import make_sampler
+
+    from pytest_kld.divergence import dense_kl
+    from pytest_kld.forward import load_model
+    from pytest_kld.reference import Settings
+
+    spec4 = corpus_spec("drift", n_chunks=4, drift_tokens=N)
+    cache = ensure_reference(tiny_model(arch), spec4, Settings(top_k=1 << 20, chunk_tokens=8), cache_dir=tmp_path)
+    assert cache.top_k == cache.manifest["vocab_size"]
+    quant = tiny_model(arch, bits=4)
+    r = compare(cache, quant)
+    vocab = cache.manifest["vocab_size"]
+    lms = {"ref": load_model(tiny_model(arch), "float32"), "quant": load_model(quant, "float32")}
+    try:
+        strict = []
+        for i in range(cache.n_chunks):
+            s, e = (int(v) for v in cache.score_ranges[i])
+            toks = cache.chunk(i)
+            q = lms["quant"]
+            gen = [int(t.token) for t in stream_generate(q.model, q.tokenizer, toks[: s + 1].tolist(),
+                                                          max_tokens=e - s, sampler=make_sampler(temp=0.0))]
+            ref_cont = toks[s + 1 : e + 1].tolist()
+            strict.append(next((j for j, (a, b) in enumerate(zip(gen, ref_cont)) if a != b), len(ref_cont)))
+            lp = {k: np.array(lm.model(mx.array(toks[None].astype(np.int32)))[0, s:e, :vocab].astype(mx.float32),
+                              dtype=np.float64) for k, lm in lms.items()}
+            rows = slice(int(cache.row_offsets[i]), int(cache.row_offsets[i + 1]))
+            np.testing.assert_allclose(r.kl[rows], dense_kl(lp["ref"], lp["quant"]), rtol=2e-3, atol=2e-6)
+    finally:
+        for lm in lms.values():
+            lm.release()
+    assert r.summary["drift_match_strict"] == pytest.approx(np.mean(strict))
+    assert r.kl.mean() > 0 and r.summary["drift_match"] >= r.summary["drift_match_strict"]
+
+
+def test_drift_from_the_command_line_under_xdist_and_alone(tiny_model, tmp_path, pytester):
+    """The command line runs drift mode with its thresholds (exit 1 on a failed one, the section
+    printed, the JSON valid and carrying the drift figures); and two xdist workers share one drift
+    entry, built once."""
+    import subprocess
+    import sys
+
+    from tiny import validate_results
+
+    ref, q4 = tiny_model("llama"), tiny_model("llama", bits=4)
+    out = tmp_path / "r.json"
+    args = [ref, q4, "--mode", "drift", "--n-chunks", 3, "--drift-tokens", 6, "--cache-dir", tmp_path / "c",
+            "--json", out]
+    p = subprocess.run([sys.executable, "-m", "pytest_kld", *map(str, args), "--drift-match", "1000"],
+                       capture_output=True, text=True)
+    assert p.returncode == 1, p.stderr
+    assert "drift_match" in p.stdout + p.stderr and "generation drift: greedy, up to 6 tokens" in p.stdout
+    doc = json.loads(out.read_text())
+    validate_results(doc)
+    s = doc["results"][0]["summary"]
+    assert s["drift_prompts"] == 3 and 0 <= s["drift_match_strict"] <= s["drift_match"] <= 6
+    p = subprocess.run([sys.executable, "-m", "pytest_kld", *map(str, args), "--drift-match", "0"],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+
+    pytester.makepyfile(test_d=f"""
+import pytest
+
+@pytest.mark.kld(mode="drift", drift_tokens=6)
+@pytest.mark.parametrize("i", range(4))
+def test_each(assert_kld, i):
+    assert_kld({str(q4)!r}, drift_match=0, name=f"q{{i}}")
+""")
+    res = pytester.runpytest_subprocess(f"--kld-reference={ref}", "--kld-n-chunks=3", "-n", "2",
+                                        f"--kld-cache-dir={pytester.path / 'c'}", "-p", "no:cacheprovider")
+    res.assert_outcomes(passed=4)
+    assert len(list((pytester.path / "c").glob("ref-*/drift-*/manifest.json"))) == 1
