@@ -172,7 +172,8 @@ def load_model(path: Path, exec_mode: str = "auto", *, trust_remote_code: bool =
     try:
         mx.eval(model.parameters())
     except (RuntimeError, ValueError, OSError) as e:  # the weights are read here (lazy load)
-        raise ModelError(f"{path}: could not read the model's weights ({_one_line(e)}); re-download or re-convert it") from None
+        raise ModelError(f"{path}: loading the model's weights failed ({_one_line(e)}); check its weight files "
+                         "(re-download or re-convert it) and the free memory") from None
     mx.clear_cache()  # buffers of the loading steps, not kept beside the model
     return LoadedModel(model, tokenizer, Path(path), exec_used)
 
