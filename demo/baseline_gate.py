@@ -15,31 +15,21 @@ Prints each step's command and output. Exit 0 when every step said what it shoul
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python demo/baseline_gate.py", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--n-chunks", type=int, default=None, help="first N prompts of the short corpus (default all 52)")
-    ap.add_argument("--work", type=Path, default=None, help="where baselines, caches and results go (default: a temp dir)")
-    ap.add_argument("--cache-dir", type=Path, default=None, help="demo model cache (see demo/smollm2.py)")
-    args = ap.parse_args(argv)
+    from smollm2 import demo_parser, demo_workspace
+
+    args = demo_parser("python demo/baseline_gate.py", __doc__).parse_args(argv)
     from pytest_kld.blas import prefer_system_blas
 
     prefer_system_blas()
-    from smollm2 import ensure_quants, ensure_reference
-
     from pytest_kld.cli import main as cli
 
-    work = args.work or Path(tempfile.mkdtemp(prefix="kld-baseline-demo-"))
-    work.mkdir(parents=True, exist_ok=True)
-    ref = ensure_reference(args.cache_dir)
-    q = ensure_quants(["4bit-g32", "mixed_4_6", "4bit-g64"], args.cache_dir)
-    common = ["--cache-dir", str(work / "kld-cache")] + (["--n-chunks", str(args.n_chunks)] if args.n_chunks else [])
+    work, ref, q, common = demo_workspace(args, ["4bit-g32", "mixed_4_6", "4bit-g64"], "kld-baseline-demo-")
 
     def step(title: str, *argv: str) -> int:
         print(f"\n### {title}\n$ pytest-kld compare {' '.join(argv)}", flush=True)

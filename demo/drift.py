@@ -10,33 +10,24 @@ comparison of the same quants.
 
 from __future__ import annotations
 
-import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python demo/drift.py", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--n-chunks", type=int, default=None, help="first N prompts (default all 52)")
+    from smollm2 import demo_parser, demo_workspace
+
+    ap = demo_parser("python demo/drift.py", __doc__)
     ap.add_argument("--drift-tokens", type=int, default=64, help="tokens generated per prompt (default 64)")
     ap.add_argument("--quants", nargs="*", default=["8bit-g64", "6bit-g64", "4bit-g64", "3bit-g64"])
-    ap.add_argument("--work", type=Path, default=None, help="caches and results (default: a temp dir)")
-    ap.add_argument("--cache-dir", type=Path, default=None, help="demo model cache (see demo/smollm2.py)")
     args = ap.parse_args(argv)
     from pytest_kld.blas import prefer_system_blas
 
     prefer_system_blas()
-    from smollm2 import ensure_quants, ensure_reference
-
     from pytest_kld.cli import main as cli
 
-    work = args.work or Path(tempfile.mkdtemp(prefix="kld-drift-demo-"))
-    work.mkdir(parents=True, exist_ok=True)
-    ref = ensure_reference(args.cache_dir)
-    quants = ensure_quants(args.quants, args.cache_dir)
-    common = ["--cache-dir", str(work / "kld-cache")] + (["--n-chunks", str(args.n_chunks)] if args.n_chunks else [])
+    work, ref, quants, common = demo_workspace(args, args.quants, "kld-drift-demo-")
     seconds = {}
     for mode in ("short", "drift"):
         extra = ["--drift-tokens", str(args.drift_tokens)] if mode == "drift" else []

@@ -649,5 +649,27 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def demo_parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    """The options the demo scripts share: --n-chunks, --work, --cache-dir."""
+    ap = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
+    ap.add_argument("--n-chunks", type=int, default=None, help="first N prompts of the short corpus (default all 52)")
+    ap.add_argument("--work", type=Path, default=None, help="caches, baselines and results (default: a temp dir)")
+    ap.add_argument("--cache-dir", type=Path, default=None, help="demo model cache (see demo/smollm2.py)")
+    return ap
+
+
+def demo_workspace(args, quants: Iterable[str], prefix: str) -> tuple[Path, Path, dict[str, Path], list[str]]:
+    """(work folder, reference, quants by name, the command-line arguments every step shares) of
+    a demo script: the models built (once), the work folder made (a temp dir unless --work)."""
+    import tempfile
+
+    work = args.work or Path(tempfile.mkdtemp(prefix=prefix))
+    work.mkdir(parents=True, exist_ok=True)
+    ref = ensure_reference(args.cache_dir)
+    made = ensure_quants(list(quants), args.cache_dir)
+    common = ["--cache-dir", str(work / "kld-cache")] + (["--n-chunks", str(args.n_chunks)] if args.n_chunks else [])
+    return work, ref, made, common
+
+
 if __name__ == "__main__":
     sys.exit(main())
