@@ -126,7 +126,9 @@ def compare(
         model=name, path=str(path), exec=exec_used, reference=dict(cache.manifest["reference"]),
         settings={**settings, "corpus": cache.manifest.get("corpus", {}), "blas": prefer_system_blas(),
                   "estimator": ESTIMATOR, "cache": {"key": cache.manifest.get("key"), "path": str(cache.path),
-                            "key_material": cache.manifest.get("key_material")}},
+                            "key_material": cache.manifest.get("key_material"),
+                            # where the vocabulary-wide work ran: asked, chosen, and what choosing measured
+                            "vocab_backend": cache.manifest.get("vocab_backend")}},
         summary=summary, categories=categories, info=_info(path), fingerprint=fp, is_reference=is_reference,
         seconds=time.time() - t0, kl=kl, top1=top1, ref_target=ref_t, quant_target=q_t, chunk_category=per_pos_cat,
         chunk=per_pos_chunk,

@@ -46,6 +46,7 @@ def result_row(result, outcome: str | None = None) -> dict:
         "direction": DIRECTION,
         "is_reference": bool(result.is_reference),
         "exec": result.exec,
+        "vocab_backend": result.settings.get("vocab_backend", "numpy"),  # the cache's: numpy or mlx
         "reference": result.reference.get("name"),
         "mode": (result.settings.get("corpus") or {}).get("mode"),
         "top_k": result.settings.get("top_k"),
@@ -213,7 +214,8 @@ def _sort_mean(r):
 
 
 def header_fields(rows: list[dict]) -> dict:
-    """Reference, mode, positions scored, K and exec of a set of rows (every distinct value)."""
+    """Reference, mode, positions scored, K, exec and where the vocabulary-wide work ran, of a set
+    of rows (every distinct value)."""
 
     def distinct(values) -> str:
         seen = []
@@ -226,17 +228,20 @@ def header_fields(rows: list[dict]) -> dict:
     positions = [
         (r.get("count") or 0) + (r.get("nonfinite") or 0) for r in rows if r.get("count") is not None
     ]
-    return {
+    fields = {
         "reference": distinct(r.get("reference") for r in rows),
         "mode": distinct(r.get("mode") for r in rows),
         "positions": distinct(positions),
         "K": distinct(r.get("top_k") for r in rows),
         "exec": distinct(r.get("exec") for r in rows),
     }
+    if any(r.get("vocab_backend") for r in rows):  # rows of older results files lack it
+        fields["vocab work"] = distinct(r.get("vocab_backend") or "?" for r in rows)
+    return fields
 
 
 def header_line(rows: list[dict]) -> str:
-    """The leaderboard's header: direction, reference, mode, positions scored, K and exec."""
+    """The leaderboard's header: direction, reference, mode, positions scored, K, exec, vocab work."""
     return "  ".join([DIRECTION, *(f"{k}: {v}" for k, v in header_fields(rows).items())])
 
 

@@ -262,7 +262,8 @@ def test_thresholds_gate_the_exit_code_and_explain_themselves(pytester, models, 
     result.stdout.fnmatch_lines(
         [
             "*= pytest-kld leaderboard =*",
-            f"KL(reference || quant)  reference: {models['ref']}  mode: short  positions: *  K: 256  exec: float32",
+            f"KL(reference || quant)  reference: {models['ref']}  mode: short  positions: *  K: 256  exec: float32"
+            "  vocab work: numpy",
             "model*size MB*bits/w*mean*mean/bit*median*P95*P99*max*top-1 %*result",
             "-----*",
             "llama *16.000*100.00%*reference",
@@ -310,6 +311,8 @@ def test_reference_fixture(kld_reference):
     for r in (q8, q4):
         assert r["direction"] == "KL(reference || quant)"
         assert (r["reference"], r["mode"], r["top_k"], r["exec"]) == (models["ref"], "short", 256, "float32")
+        assert r["vocab_backend"] == r["cache"]["vocab_backend"]["chosen"] == "numpy"  # auto on a CPU
+        assert r["cache"]["vocab_backend"]["requested"] == "auto"
         assert r["nodeid"].startswith("test_json_report")
         assert r["summary"]["count"] == r["count"] > 500 and r["nonfinite"] == 0
         assert 0 <= r["summary"]["median"] <= r["p95"] <= r["p99"] <= r["max"]
@@ -519,7 +522,7 @@ def test_marker_overrides_settings_per_test(pytester, models):
     # one row per K; the header names both
     result.stdout.fnmatch_lines(
         [
-            "KL(reference || quant)  reference: *  mode: short  positions: *  K: 8, 256  exec: float32",
+            "KL(reference || quant)  reference: *  mode: short  positions: *  K: 8, 256  exec: float32  vocab work: numpy",
             "model *",
             "---*",
             literal("llama-q8-g64 [K=8] *pass"),  # (K=8 reads lower: the top-K estimator's bias)
