@@ -291,8 +291,8 @@ def iter_chunk_logprobs(
     chunk's (1 GB at 1,024 positions of a 248k vocabulary). Without overlap each piece is handed
     out as soon as it is computed and dropped before the next: one piece's logits at a time, if
     the caller lets go of it too (``del`` it before asking for the next). ``raw``: yield the
-    piece's float32 MLX logits instead, for
-    :mod:`pytest_kld.vocab` to do the vocabulary-wide work where it chose.
+    piece's float32 MLX logits instead, for :mod:`pytest_kld.vocab` to do the vocabulary-wide
+    work where it chose.
 
     ``logprobs=False`` runs the same forward passes, evaluated the same way, and yields
     (offset, None): a rank of a sharded model that takes part in every pass but leaves the

@@ -26,19 +26,18 @@ import time
 
 import numpy as np
 
-from .divergence import PositionStats, SparseRows, kl_from_parts, log_softmax, sparsify
+from .divergence import PositionStats, SparseRows, kl_from_parts, sparsify
 
 BACKENDS = ("auto", "numpy", "mlx")
 MLX_MARGIN = 1.5  # auto keeps MLX only when it is at least this many times faster than numpy
 
 
-def logprobs(lg, backend: str):
-    """Float32 log-softmax of a piece's MLX logits [rows, V]: a numpy array or an MLX one."""
-    if backend == "mlx":
-        import mlx.core as mx
+def _mlx_logprobs(lg):
+    """Float32 log-softmax of a piece's MLX logits [rows, V], in MLX (numpy's is divergence.py's,
+    block by block)."""
+    import mlx.core as mx
 
-        return lg - mx.logsumexp(lg, axis=-1, keepdims=True)
-    return log_softmax(np.array(lg))
+    return lg - mx.logsumexp(lg, axis=-1, keepdims=True)
 
 
 def _view(lg) -> np.ndarray:
@@ -53,7 +52,7 @@ def sparse_rows(lg, targets: np.ndarray, k: int, backend: str) -> SparseRows:
         return sparsify(_view(lg), targets, k, logits=True)
     import mlx.core as mx
 
-    lp = logprobs(lg, "mlx")
+    lp = _mlx_logprobs(lg)
     n, v = lp.shape
     k = min(int(k), int(v))
     idx = mx.argpartition(-lp, kth=k - 1, axis=-1)[:, :k] if k < v else mx.broadcast_to(mx.arange(v), (n, v))
@@ -80,7 +79,7 @@ def position_stats(ref: SparseRows, lg, backend: str) -> PositionStats:
         return compare_rows(ref, _view(lg), logits=True)
     import mlx.core as mx
 
-    lq = logprobs(lg, "mlx")
+    lq = _mlx_logprobs(lg)
     ids = mx.array(ref.ids.astype(np.int32))
     q_top = mx.take_along_axis(lq, ids, axis=-1)
     q_target = mx.take_along_axis(lq, mx.array(ref.target_ids.astype(np.int32))[:, None], axis=-1)[:, 0]
