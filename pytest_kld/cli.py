@@ -9,6 +9,7 @@ writing a test, with the same settings (from :mod:`pytest_kld.options`) and thre
     pytest-kld export CACHE_DIR OUT_DIR     (a cache entry as a folder to copy or upload)
     pytest-kld push OUT_DIR REPO            (that folder to a hub dataset repository)
     pytest-kld merge RESULTS.json ...       (several runners' results into one leaderboard)
+    pytest-kld doctor                       (this machine: CPU, the BLAS chosen for MLX and why)
 
 REFERENCE is a model (local MLX directory or hub id) or a cache entry directory (then no
 reference weights are read). Exit status: 0; 1 when a threshold fails or a model is broken
@@ -23,7 +24,7 @@ import sys
 
 from .options import THRESHOLD_NAMES, add_to_argparse
 
-COMMANDS = ("compare", "build", "info", "export", "push", "merge")
+COMMANDS = ("compare", "build", "info", "export", "push", "merge", "doctor")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     mrg.add_argument("results", nargs="+", help="results JSON files (--kld-json / --json)")
     mrg.add_argument("--json", default=None, help="write the merged results here")
     mrg.add_argument("--markdown", default=None, help="write the merged leaderboard as Markdown here")
+    sub.add_parser("doctor", help="this machine: the CPU's instruction sets, the BLAS chosen for MLX and why "
+                   "others were refused")
     return ap
 
 
@@ -74,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         handlers = {"compare": _compare, "build": _build, "info": _info, "export": _export, "push": _push,
-                    "merge": _merge}
+                    "merge": _merge, "doctor": _doctor}
         return handlers[args.command](args)
     except KldError as e:
         print(f"pytest-kld: {e}", file=sys.stderr)
@@ -93,10 +96,19 @@ def _settings(args) -> dict:
     return s
 
 
+def _doctor(args) -> int:
+    from .blas import doctor
+
+    print("\n".join(doctor()))
+    return 0
+
+
 def _open(s: dict):
-    from .blas import prefer_system_blas
+    from .blas import fallback_warning, prefer_system_blas
 
     prefer_system_blas()  # before mlx is imported
+    if fallback_warning():
+        print(fallback_warning(), file=sys.stderr, flush=True)
     from .progress import Progress
     from .run import open_reference
 

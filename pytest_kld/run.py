@@ -152,6 +152,7 @@ def row(result, outcome: str | None = None, thresholds: dict | None = None) -> d
 
     r = json.loads(json.dumps(result_row(result, outcome), default=_jsonable))
     ref, corpus = result.reference, result.settings.get("corpus") or {}
+    r["blas"] = result.settings.get("blas")  # the BLAS this comparison ran on (pytest_kld/blas.py)
     r["cache"] = {  # which reference cache: a baseline or a merge refuses rows of another
         **(result.settings.get("cache") or {}),
         "reference_fingerprint": ref.get("fingerprint"),
@@ -283,6 +284,9 @@ def _versions() -> dict:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
             out[pkg] = None
+    from .blas import prefer_system_blas
+
+    out["blas"] = prefer_system_blas()  # the library chosen and why others were refused
     return out
 
 
