@@ -184,7 +184,6 @@ def _x86_cpuid_features() -> set[str] | None:
             got[(7, 0)] = leaf(7, 0)
             got[(7, 1)] = leaf(7, 1) if got[(7, 0)][0] >= 1 else (0, 0, 0, 0)
         xcr0 = xgetbv() if got[(1, 0)][2] >> 27 & 1 else 0  # OSXSAVE
-        del cpuid, xgetbv
     finally:
         try:
             buf.close()
