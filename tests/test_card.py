@@ -193,7 +193,7 @@ def test_a_card_without_front_matter_keeps_its_text_and_line_endings(run, quant)
     assert b"\n" not in data.replace(b"\r\n", b"")  # every line ending the card's own
 
 
-@pytest.mark.parametrize("case", ["missing row", "schema 2", "bad yaml", "reference", "two marker pairs"])
+@pytest.mark.parametrize("case", ["missing row", "schema 2", "bad yaml", "reference", "two marker pairs", "two rows"])
 def test_bad_input_one_line_and_nothing_written(run, quant, tmp_path, capsys, case):
     results, readme = run[0], quant / "README.md"
     target = quant
@@ -210,6 +210,11 @@ def test_bad_input_one_line_and_nothing_written(run, quant, tmp_path, capsys, ca
         readme.write_text("---\nlicense: [apache-2.0\n---\n# text\n")
     elif case == "reference":
         target, readme = run[2], run[2] / "README.md"
+    elif case == "two rows":  # the same quant at two settings in one file
+        doc = json.loads(run[0].read_text())
+        doc["results"].append({**_row(run[0], "q4"), "top_k": 8})
+        results = tmp_path / "two.json"
+        results.write_text(json.dumps(doc))
     else:
         readme.write_text(f"# text\n{START}\n{END}\n{START}\n{END}\n")
     before = readme.read_bytes() if readme.exists() else None
@@ -218,7 +223,7 @@ def test_bad_input_one_line_and_nothing_written(run, quant, tmp_path, capsys, ca
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("pytest-kld: "), err
     assert {"missing row": "no row", "schema 2": "schema version 2", "bad yaml": "front matter does not parse",
-            "reference": "is the reference", "two marker pairs": "markers"}[case] in err
+            "reference": "is the reference", "two marker pairs": "markers", "two rows": "2 rows match"}[case] in err
     assert (readme.read_bytes() if readme.exists() else None) == before and sorted(os.listdir(target)) == files
 
 
