@@ -195,6 +195,8 @@ def _facts(p: dict, row: dict) -> dict:
         "K (reference log-probs kept per position)": p["top_k"],
         "exec": f"`{p['exec']}`",
         "this model's weights fingerprint": f"`{row.get('fingerprint')}`",
+        **({"non-finite positions": f"{row['nonfinite']}: NaN or inf log-probs, left out of every figure; "
+            "the model is broken"} if row.get("nonfinite") else {}),
         "measured with": f"pytest-kld {p['version']}, {p['created']}",
     }
 
@@ -321,9 +323,12 @@ def _save(target: Path, content: str, chart: Path | None, push: str | None) -> P
     if not target.is_dir():
         raise CardError(f"--out {target}: not a directory; create it first")
     readme = target / "README.md"
-    if chart and chart.resolve() != (target / CHART_NAME).resolve():
-        write_bytes(target / CHART_NAME, chart.read_bytes())
-    write_text(readme, content)
+    try:
+        if chart and chart.resolve() != (target / CHART_NAME).resolve():
+            write_bytes(target / CHART_NAME, chart.read_bytes())
+        write_text(readme, content)
+    except OSError as e:
+        raise CardError(f"{readme}: cannot write the card ({e})") from None
     if push:
         push_card(push, readme, target / CHART_NAME if chart else None)
     return readme
