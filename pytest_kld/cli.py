@@ -10,6 +10,7 @@ writing a test, with the same settings (from :mod:`pytest_kld.options`) and thre
     pytest-kld push OUT_DIR REPO            (that folder to a hub dataset repository)
     pytest-kld merge RESULTS.json ...       (several runners' results into one leaderboard)
     pytest-kld doctor                       (this machine: CPU, the BLAS chosen for MLX and why)
+    pytest-kld card RESULTS.json QUANT      (the quant's figures into its model card, README.md)
 
 REFERENCE is a model (local MLX directory or hub id) or a cache entry directory (then no
 reference weights are read). Exit status: 0; 1 when a threshold fails or a model is broken
@@ -24,7 +25,7 @@ import sys
 
 from .options import THRESHOLD_NAMES, add_to_argparse
 
-COMMANDS = ("compare", "build", "info", "export", "push", "merge", "doctor")
+COMMANDS = ("compare", "build", "info", "export", "push", "merge", "doctor", "card")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     mrg.add_argument("--markdown", default=None, help="write the merged leaderboard as Markdown here")
     sub.add_parser("doctor", help="this machine: the CPU's instruction sets, the BLAS chosen for MLX and why "
                    "others were refused")
+    crd = sub.add_parser("card", help="write a quant's figures into its model card (README.md)")
+    crd.add_argument("results", help="a results JSON file (--kld-json / --json) holding the quant's row")
+    crd.add_argument("quant", help="the quant: a local model directory or a hub repo id (matched by weights fingerprint)")
+    crd.add_argument("--out", default=None, help="directory to write README.md into (default: the quant's directory)")
+    crd.add_argument("--push", nargs="?", const=True, default=None, metavar="REPO",
+                     help="upload the card to this hub model repo (default: QUANT when it is a hub repo id)")
     return ap
 
 
@@ -77,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         handlers = {"compare": _compare, "build": _build, "info": _info, "export": _export, "push": _push,
-                    "merge": _merge, "doctor": _doctor}
+                    "merge": _merge, "doctor": _doctor, "card": _card}
         return handlers[args.command](args)
     except KldError as e:
         print(f"pytest-kld: {e}", file=sys.stderr)
@@ -252,6 +259,14 @@ def _merge(args) -> int:
     settings = dict(docs[0].get("settings") or {}, json=args.json, markdown=args.markdown, chart=None)
     write_reports(settings, rows)
     return 1 if any(r.get("outcome") == "failed" for r in rows) else 0
+
+
+def _card(args) -> int:
+    from .card import write_card
+
+    readme, pushed = write_card(args.results, args.quant, out=args.out, push=args.push)
+    print(f"wrote {readme}" + (f" and pushed it to the hub model repo {pushed}" if pushed else ""))
+    return 0
 
 
 def _error(message: str):
