@@ -59,12 +59,15 @@ def configs() -> dict[str, str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--smollm2", action="store_true", help="time the SmolLM2-135M demo reference (else a tiny llama)")
+    ap.add_argument("--model", default=None, help="time this MLX model directory instead")
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     tmp = tempfile.mkdtemp()
-    if args.smollm2:
+    if args.model:
+        model = args.model
+    elif args.smollm2:
         from smollm2 import ensure_reference
 
         model = ensure_reference()
@@ -84,6 +87,7 @@ def main() -> None:
                 print(name, f"failed (exit {r.returncode}):", (r.stderr.strip().splitlines() or [""])[-1])
                 continue
             runs.setdefault(name, []).append(json.loads(r.stdout.strip().splitlines()[-1]) | {"npy": npy})
+            print(f"  {name}: {runs[name][-1]['gflops']:.1f} GFLOPS, {runs[name][-1]['tok_s']:.1f} tok/s", flush=True)
     import numpy as np
 
     base = np.load(runs["bundled"][0]["npy"]) if "bundled" in runs else None
