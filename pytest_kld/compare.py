@@ -173,8 +173,11 @@ def _run(cache: ReferenceCache, path, name: str, exec_mode: str, chunk_tokens, t
             )
         backend = cache.manifest["settings"].get("vocab_backend", "numpy")  # the build's: self-comparison is 0
         parts = []
+        # vocab=None: the quant's log-softmax runs over its WHOLE output, padding rows included, so
+        # mass it puts on ids the reference never predicts lowers its log-probs at the reference's
+        # ids (damage), and an argmax there is a top-1 disagreement (divergence.compare_rows)
         for i, row, lg in iter_corpus_logprobs(lm.model, chunks, ranges, chunk_tokens=chunk_tokens,
-                                               vocab=vocab, progress=progress, raw=True):
+                                               vocab=None, progress=progress, raw=True):
             parts.append(position_stats(cache.rows(i, row, row + int(lg.shape[0])), lg, backend))
             del lg  # one piece's logits alive at a time (forward.iter_chunk_logprobs)
         followed = None
