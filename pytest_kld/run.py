@@ -217,11 +217,12 @@ def baselines_dir(given, root, update: bool) -> str | None:
 
 def output_paths(s: dict, prefix: str = "--kld-") -> None:
     """Fail now, not after an hour of comparisons, when a report's directory does not exist."""
+    from .files import check_target
+
     for name in ("json", "markdown", "chart"):
-        if s.get(name):
-            parent = os.path.dirname(os.path.abspath(os.path.expanduser(s[name])))
-            if not os.path.isdir(parent):
-                raise KldError(f"{prefix}{name} {s[name]}: directory {parent} does not exist")
+        why = check_target(s[name]) if s.get(name) else None
+        if why:
+            raise KldError(f"{prefix}{name} {s[name]}: {why}")
 
 
 def write_reports(s: dict, rows: list[dict]) -> None:

@@ -89,3 +89,187 @@ def test_padding_mass_counts_in_drift_mode(tiny_model, tmp_path):
     r = compare(cache, wide)
     assert r.summary["drift_kld"] > 0.1 and r.summary["top1"] < 0.9
     assert r.summary["drift_match_strict"] < 8
+
+
+# ---------------------------------------------------------------------------------------------
+# 2, 3, 7, 8: baselines
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def q4_result(tiny_model, tmp_path_factory):
+    from pytest_kld.corpus import corpus_spec
+
+    root = tmp_path_factory.mktemp("adv-cache")
+    cache = ensure_reference(tiny_model("llama"), corpus_spec("short", n_chunks=4), cache_dir=root)
+    return compare(cache, tiny_model("llama", bits=4))
+
+
+def _recorded(result, tmp_path, nodeid="t.py::test", slot="q4"):
+    from pytest_kld.baselines import record
+
+    return record(tmp_path / "b", result, nodeid, slot)
+
+
+@pytest.mark.parametrize("edit", [1e6, 0.0, "nan-as-null", "string"])
+def test_a_baseline_summary_that_disagrees_with_its_checksummed_data_is_refused(q4_result, tmp_path, edit):
+    from pytest_kld.baselines import BaselineError, load
+
+    path = _recorded(q4_result, tmp_path)
+    doc = json.loads(path.read_text())
+    doc["summary"]["mean"] = {"nan-as-null": None, "string": "0.1"}.get(edit, edit)
+    doc["summary"]["p99"] = 1e6 if edit == "nan-as-null" else doc["summary"]["p99"]
+    path.write_text(json.dumps(doc))
+    with pytest.raises(BaselineError, match=r"summary disagrees with its per-position data \((mean|p99) ") as e:
+        load(path)
+    assert "\n" not in str(e.value) and str(path) in str(e.value)
+    doc["summary"]["mean"] = float("nan")  # NaN is not JSON: refused as such
+    path.write_text(json.dumps(doc))
+    with pytest.raises(BaselineError, match="unreadable"):
+        load(path)
+
+
+def test_the_verdict_uses_figures_recomputed_from_the_data_not_the_recorded_summary(q4_result, tmp_path):
+    """A much worse quant against a baseline whose summary mean was made huge (or NaN) still
+    fails: the relative tolerance is taken of the mean the per-position data give."""
+    from pytest_kld.baselines import Baseline
+    from pytest_kld.regression import judge, parse_tolerance
+
+    base = q4_result.kl.astype(np.float32)
+    now = base.astype(np.float64) * 1.5
+    for forged in (1e6, float("nan")):
+        b = Baseline(tmp_path / "b.json", {"summary": {"mean": forged}}, base, q4_result.chunk)
+        v = judge(now, q4_result.chunk, {"mean": float(now.mean())}, b, parse_tolerance("mean:5%"))
+        assert v["verdict"] == "worse", v
+        assert v["figures"]["mean"]["allowed"] == pytest.approx(0.05 * base.astype(np.float64).mean(), rel=1e-9)
+
+
+def test_ids_differing_only_in_replaced_characters_get_their_own_slots(tmp_path):
+    from pytest_kld.baselines import slot_path
+
+    ids = [f"tests/test_q.py::test_q[a{c}b]" for c in "/: _"]
+    paths = {slot_path(tmp_path, i, "m") for i in ids}
+    assert len(paths) == 4
+    assert len({slot_path(tmp_path, "t.py::test", s) for s in ("a/b", "a:b", "a b", "a_b", ".a_b")}) == 5
+    assert slot_path(tmp_path, "tests/test_q.py::test_q[4bit-g64]", "q4").relative_to(tmp_path).parts == (
+        "tests", "test_q", "test_q[4bit-g64]", "q4.json")  # plain names stay readable
+
+
+def test_a_baseline_of_another_test_is_refused(q4_result, tmp_path):
+    import shutil as sh
+
+    from pytest_kld.baselines import BaselineError, load, slot_path
+
+    path = _recorded(q4_result, tmp_path, nodeid="t.py::test_a")
+    other = slot_path(tmp_path / "b", "t.py::test_b", "q4")
+    other.parent.mkdir(parents=True)
+    sh.copy(path, other)
+    with pytest.raises(BaselineError, match=r"recorded for the test t\.py::test_a, not t\.py::test_b"):
+        load(other, "t.py::test_b")
+    assert load(path, "t.py::test_a").kl.size == q4_result.kl.size
+
+
+def test_two_calls_of_one_test_in_one_slot_are_an_error_naming_name(pytester, tiny_model, tmp_path):
+    for side in ("a", "b"):
+        shutil.copytree(tiny_model("llama", bits=8 if side == "a" else 4), tmp_path / side / "model")
+    pytester.makepyfile(test_two=(
+        "def test_two(assert_kld):\n"
+        f"    assert_kld({str(tmp_path / 'a' / 'model')!r}, mean=100)\n"
+        f"    assert_kld({str(tmp_path / 'b' / 'model')!r}, mean=100)\n"))
+    args = [f"--kld-reference={tiny_model('llama')}", "--kld-n-chunks=2", f"--kld-cache-dir={tmp_path / 'c'}",
+            "-p", "no:cacheprovider", f"--kld-baselines={tmp_path / 'bl'}"]
+    result = pytester.runpytest_subprocess(*args, "--kld-update-baselines")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*assert_kld: test_two.py::test_two compares */a/model and */b/model under one "
+                                 "baseline slot 'model'; give each call its own name=*"])
+    assert len(list((tmp_path / "bl").rglob("*.json"))) == 1
+
+
+def test_a_planted_link_in_a_shared_baselines_folder_is_not_followed(q4_result, tmp_path):
+    from pytest_kld.baselines import BaselineError, record
+
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "t").symlink_to(victim)  # kld_baselines/<test file> planted by another user
+    with pytest.raises(BaselineError, match="symbolic link"):
+        record(shared, q4_result, "t.py::test", "q4")
+    assert list(victim.iterdir()) == []
+
+
+_LOAD = ("import sys, resource; resource.setrlimit(resource.RLIMIT_AS, (1 << 31, 1 << 31))\n"
+         "from pytest_kld.baselines import load\n"
+         "try:\n    load(sys.argv[1])\nexcept Exception as e:\n    print(type(e).__name__, e)\n")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero"])
+def test_a_baseline_slot_that_is_a_fifo_or_a_device_neither_hangs_nor_reads_without_bound(tmp_path, kind):
+    import os
+    import subprocess
+    import sys
+
+    slot = tmp_path / "slot.json"
+    if kind == "fifo":
+        os.mkfifo(slot)
+    else:
+        slot.symlink_to("/dev/zero")
+    try:
+        p = subprocess.run([sys.executable, "-c", _LOAD, str(slot)], capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"loading a baseline that is {kind} hangs")
+    assert p.stdout.startswith("BaselineError") and "not a regular file" in p.stdout, p.stdout + p.stderr[-500:]
+    assert p.stdout.count("\n") == 1
+
+
+def test_baseline_data_not_a_whole_number_of_float32_is_one_line(q4_result, tmp_path):
+    import base64
+    import hashlib
+
+    from pytest_kld.baselines import BaselineError, load
+
+    path = _recorded(q4_result, tmp_path)
+    doc = json.loads(path.read_text())
+    data = base64.b64decode(doc["positions"]["data"])[:-1]
+    doc["positions"].update(data=base64.b64encode(data).decode(), sha256=hashlib.sha256(data).hexdigest())
+    path.write_text(json.dumps(doc))
+    with pytest.raises(BaselineError, match="not whole float32 values"):
+        load(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# test gaps: the paired interval's width, a verdict at the tolerance's edge
+# ---------------------------------------------------------------------------------------------
+
+
+def test_paired_interval_is_95_percent_wide():
+    """On a large synthetic sample (400 clusters) the bootstrap's 95% interval is ±1.96
+    cluster-robust standard errors wide (a 90% interval would be ±1.645, 16% narrower)."""
+    from pytest_kld.intervals import clustered, paired
+
+    rng = np.random.default_rng(3)
+    cluster = np.repeat(np.arange(400), 25)
+    base = np.exp(np.repeat(rng.normal(0, 0.5, 400), 25) + rng.normal(-1, 0.5, cluster.size))
+    now = base * np.exp(np.repeat(rng.normal(0.02, 0.05, 400), 25))
+    m = paired(now, base, cluster)["mean"]
+    assert (m["high"] - m["low"]) / (2 * 1.96 * m["se"]) == pytest.approx(1.0, abs=0.06)
+    assert m["low"] < m["diff"] < m["high"]
+    c = clustered(base, cluster)
+    assert (c["ci95_high"] - c["ci95_low"]) / (2 * 1.96 * c["se_cluster"]) == pytest.approx(1.0, abs=0.06)
+
+
+def test_five_point_one_percent_worse_under_mean_5_percent_fails_with_allowed_of_the_baseline():
+    from pytest_kld.baselines import Baseline
+    from pytest_kld.regression import judge, parse_tolerance
+
+    rng = np.random.default_rng(0)
+    cluster = np.repeat(np.arange(40), 50)
+    base = np.exp(np.repeat(rng.normal(0, 0.5, 40), 50) + rng.normal(-1, 0.5, 2000)).astype(np.float32)
+    now = base.astype(np.float64) * 1.051
+    b = Baseline(None, {"summary": {"mean": float(base.astype(np.float64).mean())}}, base, cluster)
+    v = judge(now, cluster, {"mean": float(now.mean())}, b, parse_tolerance("mean:5%"))
+    f = v["figures"]["mean"]
+    assert v["verdict"] == "worse" and f["status"] == "worse"
+    assert f["allowed"] == pytest.approx(0.05 * base.astype(np.float64).mean(), rel=1e-12)
+    within = judge(base.astype(np.float64) * 1.049, cluster, {}, b, parse_tolerance("mean:5%"))
+    assert within["verdict"] == "worse within tolerance"
