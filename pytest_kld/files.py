@@ -226,3 +226,17 @@ def _float(s: str) -> float:
 
 def _constant(s: str):
     raise ValueError(f"{s} is not a number JSON allows")
+
+
+def control_text(obj, where: str = "") -> str | None:
+    """Where in the parsed JSON ``obj`` a string (or a key) first holds a control character (an
+    ANSI escape for a terminal, a newline in a one-line name), as a dotted path; None if nowhere."""
+    if isinstance(obj, str):
+        return (where or "a string") if any(ord(c) < 32 or 127 <= ord(c) < 160 for c in obj) else None
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    for k, v in items:
+        here = f"{where}.{k}" if where else str(k)
+        hit = (control_text(k, here) if isinstance(k, str) else None) or control_text(v, here)
+        if hit:
+            return hit
+    return None

@@ -113,9 +113,11 @@ def travelling_cache(where: str, mode: str) -> Path:
 
 
 def _entry_mode(entry: Path) -> str | None:
+    from .files import read_json
+
     try:
-        return (json.loads((entry / "manifest.json").read_text()).get("corpus") or {}).get("mode")
-    except (OSError, ValueError, AttributeError):
+        return (read_json(entry / "manifest.json", 64 << 20).get("corpus") or {}).get("mode")
+    except (OSError, KldError, AttributeError):
         return None
 
 

@@ -97,12 +97,16 @@ def test_padding_mass_counts_in_drift_mode(tiny_model, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def q4_result(tiny_model, tmp_path_factory):
+def short_cache(tiny_model, tmp_path_factory):
     from pytest_kld.corpus import corpus_spec
 
     root = tmp_path_factory.mktemp("adv-cache")
-    cache = ensure_reference(tiny_model("llama"), corpus_spec("short", n_chunks=4), cache_dir=root)
-    return compare(cache, tiny_model("llama", bits=4))
+    return ensure_reference(tiny_model("llama"), corpus_spec("short", n_chunks=4), cache_dir=root)
+
+
+@pytest.fixture(scope="module")
+def q4_result(short_cache, tiny_model):
+    return compare(short_cache, tiny_model("llama", bits=4))
 
 
 def _recorded(result, tmp_path, nodeid="t.py::test", slot="q4"):
@@ -273,3 +277,177 @@ def test_five_point_one_percent_worse_under_mean_5_percent_fails_with_allowed_of
     assert f["allowed"] == pytest.approx(0.05 * base.astype(np.float64).mean(), rel=1e-12)
     within = judge(base.astype(np.float64) * 1.049, cluster, {}, b, parse_tolerance("mean:5%"))
     assert within["verdict"] == "worse within tolerance"
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. a cache from elsewhere: every manifest field that becomes a path, a number or terminal text
+# ---------------------------------------------------------------------------------------------
+
+
+def _cli(*args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "pytest_kld", *map(str, args)], capture_output=True, text=True,
+                          timeout=120)
+
+
+def _forged(cache, tmp_path, edit=None, text=None):
+    """A copy of the cache entry with its manifest edited and re-signed (what anyone handing over
+    a cache can do: the checksums are not keyed), or replaced by raw ``text``."""
+    from pytest_kld.fingerprint import sha256_json
+
+    entry = tmp_path / "entry"
+    shutil.copytree(cache.path, entry)
+    manifest = json.loads((entry / "manifest.json").read_text())
+    if edit is not None:
+        edit(manifest)
+        manifest["manifest_sha256"] = sha256_json({k: v for k, v in manifest.items() if k != "manifest_sha256"})
+    (entry / "manifest.json").write_text(text if text is not None else json.dumps(manifest))
+    return entry
+
+
+def test_export_of_a_forged_mode_writes_nothing_outside_its_folder(short_cache, tmp_path):
+    entry = _forged(short_cache, tmp_path, lambda m: m["corpus"].update(mode="../escaped"))
+    out = tmp_path / "out"
+    p = _cli("export", entry, out)
+    assert not list(tmp_path.glob("escaped*")), "export wrote outside its output folder"
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "corpus.mode" in p.stderr, p.stderr[-800:]
+
+
+@pytest.mark.parametrize("field, edit, words", [
+    ("ansi name", lambda m: m["reference"].update(name="ref\x1b[2J\x1b[31mOWNED"), "control characters in reference.name"),
+    ("created_at", lambda m: m.update(created_at="yesterday"), "created_at"),
+    ("drift_tokens", lambda m: m["corpus"].update(drift_tokens=[1]), "corpus.drift_tokens"),
+    ("exec", lambda m: m["settings"].update(exec="$(rm -rf ~)"), "settings.exec"),
+    ("vocab", lambda m: m.update(vocab_size=10**30), "vocab_size"),
+])
+def test_forged_manifest_fields_are_refused_in_one_line(short_cache, tmp_path, field, edit, words):
+    from pytest_kld.errors import CacheError
+    from pytest_kld.reference import ReferenceCache
+
+    entry = _forged(short_cache, tmp_path, edit)
+    with pytest.raises(CacheError) as e:
+        ReferenceCache.load(entry)
+    assert words in str(e.value) and "\n" not in str(e.value) and "\x1b" not in str(e.value)
+
+
+@pytest.mark.parametrize("text, words", [
+    ('{"deep": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested 100001 levels deep"),
+    ('{"format_version": 2, "n": ' + "7" * 5000 + "}", "integer of 5000 digits"),
+    ('{"format_version": 2, "x": NaN}', "NaN is not a number JSON allows"),
+])
+def test_hostile_manifest_json_is_one_line(short_cache, tmp_path, text, words):
+    entry = _forged(short_cache, tmp_path, text=text)
+    p = _cli("info", entry)
+    assert p.returncode == 2 and words in p.stderr and p.stderr.count("\n") == 1, p.stderr[-800:]
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. report targets that are not regular files
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_fifo_report_target_is_written_through_not_replaced(tmp_path):
+    import os
+    import stat
+    import threading
+
+    from pytest_kld.files import write_text
+
+    fifo = tmp_path / "r.json"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(open(fifo).read()), daemon=True)
+    reader.start()
+    import time
+
+    time.sleep(0.2)  # the reader has opened its end
+    write_text(fifo, '{"ok": 1}')
+    reader.join(5)
+    assert got == ['{"ok": 1}'] and stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    with pytest.raises(OSError):  # nobody reads: an error at once, not a hang
+        write_text(fifo, "x")
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+
+
+def test_a_directory_as_report_target_is_refused_before_the_run(tmp_path):
+    from pytest_kld.errors import KldError
+    from pytest_kld.run import output_paths
+
+    (tmp_path / "d").mkdir()
+    with pytest.raises(KldError, match="is a directory"):
+        output_paths({"json": str(tmp_path / "d")}, prefix="--")
+    p = _cli("merge", tmp_path / "none.json", "--json", tmp_path / "d")
+    assert p.returncode == 2 and "--json" in p.stderr and "is a directory" in p.stderr, p.stderr[-800:]
+
+
+# ---------------------------------------------------------------------------------------------
+# 8, 9: bounds and one-line errors for hostile input
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dest, value", [("drift_tokens", 10**6), ("ranks", 10_000), ("lock_timeout", 10**400),
+                                         ("top_k", 1 << 21), ("n_ctx", 10**9)])
+def test_count_options_are_bounded_and_say_so_in_help(dest, value):
+    from pytest_kld.options import BY_DEST, check
+
+    why = check(dest, value, f"--kld-{dest}")
+    assert why and "at most" in why and len(why) < 120
+    assert str(BY_DEST[dest].maximum) in BY_DEST[dest].help or "a week" in BY_DEST[dest].help
+
+
+@pytest.mark.parametrize("line, words", [
+    ('{"text": ' + "[" * 50_000 + "]" * 50_000 + "}", "nested 50001 levels deep"),
+    ('{"text": "a", "id": ' + "9" * 5000 + "}", "integer of 5000 digits"),
+])
+def test_hostile_corpus_jsonl_is_one_line(tmp_path, line, words):
+    from pytest_kld.corpus import load_records
+    from pytest_kld.errors import CorpusError
+
+    path = tmp_path / "c.jsonl"
+    path.write_text('{"text": "fine"}\n' + line + "\n")
+    with pytest.raises(CorpusError, match=words) as e:
+        load_records(path, "jsonl")
+    assert "line 2" in str(e.value)
+
+
+def test_a_fifo_dataset_is_not_reported_missing(tmp_path):
+    import os
+
+    from pytest_kld.corpus import corpus_spec
+    from pytest_kld.errors import CorpusError
+
+    os.mkfifo(tmp_path / "d.txt")
+    with pytest.raises(CorpusError, match="not a regular file"):
+        corpus_spec("file", dataset=str(tmp_path / "d.txt"))
+
+
+@pytest.mark.parametrize("owner", ["[1, 2]", '{"pid": "x", "since": "now"}', "{" * 5000])
+def test_a_lock_owner_file_that_is_not_an_object_is_no_fact(tmp_path, owner):
+    from pytest_kld.locking import OwnedLock
+
+    lock = OwnedLock(tmp_path / "entry", timeout=1)
+    lock.owner.write_text(owner)
+    assert lock._holder() == {}
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda d: d["results"][0].update(mean=10**400), "integer of 401 digits"),
+    (lambda d: d.update(results=[1]), "results[0] is not an object"),
+    (lambda d: d.update(settings=[]), "settings is not an object"),
+    (lambda d: d["results"][0].update(chunks={"sum": ["a"], "count": [1]}), "results[0].chunks"),
+    (lambda d: d["results"][0].update(categories={"prose": 3}), "results[0].categories.prose"),
+    (lambda d: d["results"][0].update(model="q\x1b[2Jx"), "control characters in results.0.model"),
+])
+def test_hostile_merge_inputs_are_one_line(tmp_path, edit, words):
+    doc = {"schema_version": 1, "settings": {}, "results": [
+        {"model": "q", "mean": 0.1, "summary": {"mean": 0.1}, "cache": {"key": "k"},
+         "chunks": {"sum": [0.1], "count": [1]}, "categories": {}}]}
+    edit(doc)
+    text = json.dumps(doc)
+    if "10**400" in words or "401" in words:
+        text = text.replace('"mean": ' + str(10**400), '"mean": 1' + "0" * 400)
+    (tmp_path / "r.json").write_text(text)
+    p = _cli("merge", tmp_path / "r.json")
+    assert p.returncode == 2 and words in p.stderr and p.stderr.count("\n") == 1, p.stderr[-800:]
