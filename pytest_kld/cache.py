@@ -79,10 +79,10 @@ def plan_reference(
 ) -> ReferencePlan:
     """Resolve the reference and compute its cache key, without importing mlx.
 
-    ``full_hash`` keys the cache on a hash of the weights' full contents ("sha256-full:"), not
-    the sampled one ("sha256-sample:": headers, sizes and 1,024 spread blocks per file), which
-    can miss an edit of a few bytes between sampled blocks. Neither depends on paths or times.
-    The two kinds are different cache entries.
+    The reference is known by the exact content of its weights (``"sha256-full:"``,
+    :func:`pytest_kld.fingerprint.weights_fingerprint`): hub blobs by their names, local files
+    read once and remembered in the cache directory. ``full_hash`` reads every byte now, trusting
+    neither (the same value).
     """
     import dataclasses
 
@@ -92,7 +92,9 @@ def plan_reference(
     from .models import output_width
 
     path = resolve_model(reference, revision=revision)
-    fp = weights_fingerprint(path, full=full_hash)
+    from .fingerprint import MEMO_FILE
+
+    fp = weights_fingerprint(path, full=full_hash, memo=Path(cache_dir or default_cache_dir()) / MEMO_FILE)
     tfp = tokenizer_fingerprint(path)
     exec_used = resolve_exec(settings.exec)
     width = output_width(path)

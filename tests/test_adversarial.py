@@ -451,3 +451,89 @@ def test_hostile_merge_inputs_are_one_line(tmp_path, edit, words):
     (tmp_path / "r.json").write_text(text)
     p = _cli("merge", tmp_path / "r.json")
     assert p.returncode == 2 and words in p.stderr and p.stderr.count("\n") == 1, p.stderr[-800:]
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. identity is exact, and the reference row is the one whose KL is 0
+# ---------------------------------------------------------------------------------------------
+
+
+def _big_model(path, n=3 << 20):
+    """A model directory with 12 MiB of float32 tensor data (more than any 4 MiB sample)."""
+    from safetensors.numpy import save_file
+
+    path.mkdir(parents=True)
+    save_file({"w": np.random.default_rng(0).standard_normal(n).astype(np.float32)}, str(path / "model.safetensors"),
+              metadata={"format": "mlx"})
+    (path / "config.json").write_text('{"model_type": "llama"}')
+    return path
+
+
+def test_one_byte_edited_anywhere_with_its_times_put_back_is_another_model(tmp_path, monkeypatch):
+    """Main's sampled fingerprint read 1,024 blocks of 4 KiB: a byte between two of them was
+    not seen, and the edited model reused the reference's cache."""
+    import os
+
+    from pytest_kld import fingerprint
+    from pytest_kld.fingerprint import weights_fingerprint
+
+    a = _big_model(tmp_path / "a")
+    before = weights_fingerprint(a)
+    b = tmp_path / "b"
+    shutil.copytree(a, b)
+    f = b / "model.safetensors"
+    st = f.stat()
+    with open(f, "r+b") as fh:  # between main's sampled blocks 0 (bytes ~90-4,190) and 1 (~12,390-)
+        fh.seek(10_000)
+        x = fh.read(1)
+        fh.seek(-1, 1)
+        fh.write(bytes([x[0] ^ 0xFF]))
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert f.stat().st_size == st.st_size and f.stat().st_mtime_ns == st.st_mtime_ns
+    memo = tmp_path / "memo.json"
+    assert weights_fingerprint(b, memo=memo) != before
+    # remembered: read once, then known by (device, inode, size, mtime, ctime)
+    reads = []
+    real = fingerprint.sha256_file
+    monkeypatch.setattr(fingerprint, "sha256_file", lambda p: reads.append(p) or real(p))
+    again = weights_fingerprint(b, memo=memo)
+    assert reads == [] and again == weights_fingerprint(b)
+    with open(f, "r+b") as fh:  # edited once more, times put back: read again
+        fh.seek(100)
+        fh.write(b"\x01")
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert weights_fingerprint(b, memo=memo) != again and len(reads) == 2  # once with memo, once without
+    assert weights_fingerprint(b, full=True, memo=memo) == weights_fingerprint(b)
+
+
+def test_a_hub_blob_is_known_by_its_name_without_reading_it(tmp_path, monkeypatch):
+    import hashlib
+    import os
+
+    from pytest_kld import fingerprint
+    from pytest_kld.fingerprint import weights_fingerprint
+
+    local = _big_model(tmp_path / "local", n=1 << 16)
+    data = (local / "model.safetensors").read_bytes()
+    blobs, snap = tmp_path / "hub" / "blobs", tmp_path / "hub" / "snapshots" / "c0ffee"
+    blobs.mkdir(parents=True)
+    snap.mkdir(parents=True)
+    digest = hashlib.sha256(data).hexdigest()
+    (blobs / digest).write_bytes(data)
+    os.symlink(os.path.join("..", "..", "blobs", digest), snap / "model.safetensors")
+    shutil.copy(local / "config.json", snap / "config.json")
+    monkeypatch.setattr(fingerprint, "sha256_file", lambda p: pytest.fail(f"{p} was read"))
+    assert weights_fingerprint(snap).startswith("sha256-full:")
+    monkeypatch.undo()
+    assert weights_fingerprint(snap) == weights_fingerprint(local) == weights_fingerprint(snap, full=True)
+
+
+def test_a_model_taken_for_the_reference_but_with_nonzero_kl_is_not_labelled_reference(short_cache, tiny_model,
+                                                                                      monkeypatch):
+    from pytest_kld import fingerprint
+
+    ref_fp = short_cache.manifest["reference"]["fingerprint"]
+    monkeypatch.setattr(fingerprint, "weights_fingerprint", lambda *a, **k: ref_fp)
+    r = compare(short_cache, tiny_model("llama", bits=4))
+    assert r.fingerprint == ref_fp and r.summary["mean"] > 0 and not r.is_reference
+    assert compare(short_cache, tiny_model("llama")).is_reference
