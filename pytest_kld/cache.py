@@ -101,6 +101,10 @@ def plan_reference(
     if width and settings.top_k > width:  # K beyond the vocabulary keeps it all: one entry for all such K
         settings = dataclasses.replace(settings, top_k=width)
     material = _key_material(fp, tfp, corpus.key_dict(), settings, exec_used)
+    if getattr(corpus, "chat_template", False):  # prompts rendered through it: their token ids depend on it
+        from .fingerprint import chat_template_fingerprint
+
+        material["chat_template_sha256"] = chat_template_fingerprint(path)
     key = sha256_json(material)
     entry = entry_path(Path(cache_dir) if cache_dir else default_cache_dir(), fp, corpus.mode, key)
     return ReferencePlan(str(reference), path, fp, tfp, corpus, settings, exec_used, material, key, entry, revision)

@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
                     "merge": _merge}
         return handlers[args.command](args)
     except KldError as e:
-        print(f"pytest-kld: {e}", file=sys.stderr)
+        text = str(e)  # one prefix, even for a message that already carries it
+        print(text if text.startswith("pytest-kld:") else f"pytest-kld: {text}", file=sys.stderr)
         return 2
 
 
@@ -129,6 +130,11 @@ def _compare(args) -> int:
     parse_tolerance(s["baseline_fail"], "--baseline-fail")
     s["baselines"] = baselines_dir(s["baselines"], os.getcwd(), bool(s["update_baselines"]))
     output_paths(s, prefix="--")  # before any work
+    slots = [args.name or display_name(str(m)) for m in quants]
+    if s["baselines"] and len(set(slots)) < len(slots):
+        same = next(x for x in slots if slots.count(x) > 1)
+        raise _error(f"two models share the baseline slot {same!r} (directories with the same last name); "
+                     "compare them in separate runs with --name")
     cache = _open(s)
     rows, failed = [], 0
     for model in quants:

@@ -115,6 +115,28 @@ def _write_memo(memo: Path, files: dict) -> None:
         pass
 
 
+def chat_template_fingerprint(path: Path) -> str | None:
+    """SHA-256 of the chat template(s) a tokenizer renders prompts with (``tokenizer_config.json``'s
+    ``chat_template``, ``chat_template.jinja``, ``chat_template.json``), or None without one: the
+    token ids of a chat corpus depend on it, and :func:`tokenizer_fingerprint` does not see it."""
+    path = Path(path)
+    h, found = hashlib.sha256(b"pytest-kld chat template v1\n"), False
+    config = path / "tokenizer_config.json"
+    if config.is_file():
+        try:
+            template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
+        except (OSError, ValueError, AttributeError):
+            template = None
+        if template is not None:
+            h.update(json.dumps(template, sort_keys=True).encode("utf-8"))
+            found = True
+    for name in ("chat_template.jinja", "chat_template.json"):
+        if (path / name).is_file():
+            h.update(f"\0{name}\0".encode() + (path / name).read_bytes())
+            found = True
+    return h.hexdigest() if found else None
+
+
 # Tokenizer files hashed (by content) when there is no tokenizer.json. tokenizer_config.json is
 # deliberately absent: only its added_tokens_decoder (id -> content) is taken from it.
 _TOKENIZER_FALLBACK_FILES = (

@@ -537,3 +537,26 @@ def test_a_model_taken_for_the_reference_but_with_nonzero_kl_is_not_labelled_ref
     r = compare(short_cache, tiny_model("llama", bits=4))
     assert r.fingerprint == ref_fp and r.summary["mean"] > 0 and not r.is_reference
     assert compare(short_cache, tiny_model("llama")).is_reference
+
+
+# ---------------------------------------------------------------------------------------------
+# minor: a changed chat template is another cache
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_changed_chat_template_is_another_cache_entry(tiny_model, tmp_path):
+    from pytest_kld.cache import plan_reference
+    from pytest_kld.corpus import corpus_spec
+
+    ref = tmp_path / "ref"
+    shutil.copytree(tiny_model("llama"), ref)
+    spec = corpus_spec("short", n_chunks=2)
+    before = plan_reference(ref, spec, cache_dir=tmp_path / "c")
+    config = json.loads((ref / "tokenizer_config.json").read_text())
+    config["chat_template"] = config["chat_template"].replace("<|im_start|>", "<|im_start|> ")
+    (ref / "tokenizer_config.json").write_text(json.dumps(config))
+    after = plan_reference(ref, spec, cache_dir=tmp_path / "c")
+    assert after.key != before.key and after.entry != before.entry
+    plain = corpus_spec("short", n_chunks=2, chat_template=False)
+    assert plan_reference(ref, plain, cache_dir=tmp_path / "c").key == plan_reference(
+        tiny_model("llama"), plain, cache_dir=tmp_path / "c2").key  # not rendered: the template does not matter
