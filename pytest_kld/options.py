@@ -89,8 +89,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("baseline-fail", str, "mean:5%,p99:10%", "how much worse than its baseline a quant may be, beyond "
            "noise, before it fails: FIGURE:VALUE[%],... (figures mean, median, p90, p95, p99, p99_9; "
            "%: relative, else nats)", marker=True),
-    Option("full-hash", bool, False, "fingerprint weights by their full contents (sha256-full), not headers, sizes "
-           "and a 4 MiB sample per file (sha256-sample, which can miss an edit of a few bytes); reads every byte"),
+    Option("full-hash", bool, False, "re-read every byte of the weights for their sha256-full fingerprint now, "
+           "trusting no remembered hash and no hub blob name (the same fingerprint; slower)"),
     Option("hosts", str, None, "build the reference cache over MLX's distributed engine (mlx.launch) on these "
            "hosts: an mlx.launch hostfile (JSON) or comma-separated IPs, the first being this machine; the reference "
            "is sharded by mlx-lm", default_text="none: this machine only"),
