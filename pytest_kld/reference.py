@@ -275,7 +275,6 @@ MAX_COUNT = 1 << 40  # any count or size in a manifest; a larger one is not a ca
 # (type, low, high) range). A cache from elsewhere is untrusted input: anything else is refused.
 _FIELDS = (
     ("corpus.mode", ("short", "long", "file", "drift")),
-    ("key_material.corpus.mode", ("short", "long", "file", "drift")),
     ("settings.exec", ("native", "float32")),
     ("settings.vocab_backend", ("numpy", "mlx", None)),
     ("settings.top_k", (int, 1, 1 << 20)),
@@ -299,14 +298,12 @@ def _foreign_fields(manifest: dict) -> str | None:
         for part in dotted.split("."):
             present = isinstance(value, dict) and part in value
             value = value.get(part) if present else None
-        if not present:
-            continue
-        if isinstance(allowed, tuple) and isinstance(allowed[0], type):
+        if present and isinstance(allowed[0], type):
             kind, low, high = allowed
             number = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
             if not number or not low <= value <= high:
                 return f"has {dotted} = {_shown(value)}, not {'a number' if kind is float else 'an integer'} in {low}..{high}"
-        elif value not in allowed:
+        elif present and value not in allowed:
             return f"has {dotted} = {_shown(value)}, not one of {', '.join(str(a) for a in allowed if a)}"
     corpus, keyed = manifest.get("corpus"), manifest["key_material"].get("corpus")
     if not isinstance(corpus, dict) or not isinstance(keyed, dict) or corpus.get("mode") != keyed.get("mode"):
@@ -314,14 +311,12 @@ def _foreign_fields(manifest: dict) -> str | None:
     if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < MAX_COUNT for t in manifest["tokenizer_probe"]):
         return "has a tokenizer_probe that is not a list of token ids"
     from .files import control_text
-
     bad_text = control_text(manifest)
     return f"holds control characters in {bad_text} (text for a terminal)" if bad_text else None
 
 
 def _shown(value) -> str:
-    text = repr(value)
-    text = "".join(c if c.isprintable() else "?" for c in text)
+    text = "".join(c if c.isprintable() else "?" for c in repr(value))
     return text if len(text) <= 40 else text[:36] + "..."
 
 
