@@ -268,3 +268,18 @@ def _build(plan: ReferencePlan, *, progress=None, trust_remote_code: bool = Fals
     store._write_entry(plan.entry, arrays, manifest, check=check)
 
 
+
+
+def settings_conflict(cache: ReferenceCache, s: dict) -> str | None:
+    """Why settings the user chose (a mode or K other than the defaults) disagree with a cache
+    made elsewhere, which decides them (one phrase), or None."""
+    from .options import BY_DEST
+
+    have = {"mode": (cache.manifest.get("corpus") or {}).get("mode"), "top_k": cache.manifest["settings"]["top_k"]}
+    for dest, value in have.items():
+        asked = s.get(dest)
+        if asked is not None and asked != BY_DEST[dest].default and asked != value:
+            if dest == "top_k" and value == cache.manifest.get("vocab_size") and int(asked) >= value:
+                continue  # K beyond the vocabulary keeps all of it: the same entry
+            return f"--kld-{dest.replace('_', '-')}={asked} but the cache {cache.path} was built with {value}"
+    return None

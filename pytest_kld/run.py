@@ -60,7 +60,12 @@ def open_reference(
     from .reference import ReferenceCache, Settings
 
     if s.get("reference_cache") or is_cache_dir(s["reference"]):
+        from .cache import settings_conflict
+
         cache = ReferenceCache.load(travelling_cache(s.get("reference_cache") or s["reference"], s["mode"]))
+        why = settings_conflict(cache, s)
+        if why:
+            raise KldError(f"{why}; drop the option or give a cache built with it")
         _say_reused(cache, notify)
         return cache
     built: list = []

@@ -560,3 +560,15 @@ def test_a_changed_chat_template_is_another_cache_entry(tiny_model, tmp_path):
     plain = corpus_spec("short", n_chunks=2, chat_template=False)
     assert plan_reference(ref, plain, cache_dir=tmp_path / "c").key == plan_reference(
         tiny_model("llama"), plain, cache_dir=tmp_path / "c2").key  # not rendered: the template does not matter
+
+
+def test_a_cache_from_elsewhere_refuses_a_conflicting_top_k(short_cache):
+    from pytest_kld.errors import KldError
+    from pytest_kld.options import BY_DEST
+    from pytest_kld.run import open_reference
+
+    s = {o: BY_DEST[o].default for o in BY_DEST}
+    s.update(reference_cache=str(short_cache.path), mode="short")
+    assert open_reference(s).path == short_cache.path
+    with pytest.raises(KldError, match=r"--kld-top-k=32 but the cache .* was built with 256"):
+        open_reference({**s, "top_k": 32})
