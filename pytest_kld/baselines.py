@@ -153,7 +153,11 @@ def make_dirs(root: Path, directory: Path) -> None:
     directory it points to; a sub-folder is created for this user only to write (0755)."""
     import os
 
+    from .files import write_text
+
     root.mkdir(parents=True, exist_ok=True)
+    if not (root / ".gitignore").exists():  # a killed write's temporary is never committed
+        write_text(root / ".gitignore", "# pytest-kld: temporaries of an interrupted write\n.*.tmp\n")
     here = root
     for part in directory.relative_to(root).parts:
         here = here / part

@@ -572,3 +572,16 @@ def test_a_cache_from_elsewhere_refuses_a_conflicting_top_k(short_cache):
     assert open_reference(s).path == short_cache.path
     with pytest.raises(KldError, match=r"--kld-top-k=32 but the cache .* was built with 256"):
         open_reference({**s, "top_k": 32})
+
+
+def test_every_recorded_baseline_is_counted(pytester, tiny_model, tmp_path):
+    q = str(tiny_model("llama", bits=8))
+    pytester.makepyfile(test_two=(f"def test_a(assert_kld):\n    assert_kld({q!r}, name='q', mean=100)\n"
+                                  f"def test_b(assert_kld):\n    assert_kld({q!r}, name='q', mean=100)\n"))
+    result = pytester.runpytest_subprocess(f"--kld-reference={tiny_model('llama')}", "--kld-n-chunks=2",
+                                           f"--kld-cache-dir={tmp_path / 'c'}", "-p", "no:cacheprovider",
+                                           f"--kld-baselines={tmp_path / 'bl'}", "--kld-update-baselines")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["*pytest-kld: 2 baseline(s) recorded under*"])
+    assert len(list((tmp_path / "bl").rglob("*.json"))) == 2
+    assert ".*.tmp" in (tmp_path / "bl" / ".gitignore").read_text().splitlines()  # git add skips a killed write's
