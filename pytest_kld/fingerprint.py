@@ -91,10 +91,16 @@ def _file_sha256(f: Path, full: bool, remembered: dict, learned: dict) -> str:
 
 
 def _read_memo(memo: Path) -> dict:
-    """The remembered hashes (stamp -> hex); nothing when the file is missing or not ours."""
+    """The remembered hashes (stamp -> hex); nothing when the file is missing, not ours, or one
+    that others can write (they could map a file to another's hash)."""
+    import os
+
     from .files import UnreadableFile, read_json
 
     try:
+        st = os.stat(memo)
+        if (hasattr(os, "getuid") and st.st_uid != os.getuid()) or st.st_mode & 0o022:
+            return {}
         doc = read_json(memo, 4 << 20)
     except (OSError, UnreadableFile):
         return {}
@@ -112,6 +118,7 @@ def _write_memo(memo: Path, files: dict) -> None:
     try:
         memo.parent.mkdir(parents=True, exist_ok=True)
         write_text(memo, json.dumps({"version": 1, "files": keep}))
+        memo.chmod(0o644)  # ours alone to write, whatever the file it replaced allowed
     except OSError:
         pass
 

@@ -585,3 +585,22 @@ def test_every_recorded_baseline_is_counted(pytester, tiny_model, tmp_path):
     result.stdout.fnmatch_lines(["*pytest-kld: 2 baseline(s) recorded under*"])
     assert len(list((tmp_path / "bl").rglob("*.json"))) == 2
     assert ".*.tmp" in (tmp_path / "bl" / ".gitignore").read_text().splitlines()  # git add skips a killed write's
+
+
+def test_a_memo_others_can_write_is_not_trusted(tmp_path):
+    import os
+
+    from pytest_kld.fingerprint import weights_fingerprint
+
+    m = _big_model(tmp_path / "m", n=1 << 10)
+    memo = tmp_path / "memo.json"
+    right = weights_fingerprint(m, memo=memo)
+    doc = json.loads(memo.read_text())
+    doc["files"] = {k: "0" * 64 for k in doc["files"]}  # planted: the file "is" something else
+    memo.write_text(json.dumps(doc))
+    os.chmod(memo, 0o644)
+    assert weights_fingerprint(m, memo=memo) != right  # our own memo is believed...
+    memo.write_text(json.dumps(doc))
+    os.chmod(memo, 0o666)
+    assert weights_fingerprint(m, memo=memo) == right  # ...one anybody can write is not
+    assert memo.stat().st_mode & 0o777 == 0o644  # and is replaced by one only we can write
