@@ -604,3 +604,17 @@ def test_a_memo_others_can_write_is_not_trusted(tmp_path):
     os.chmod(memo, 0o666)
     assert weights_fingerprint(m, memo=memo) == right  # ...one anybody can write is not
     assert memo.stat().st_mode & 0o777 == 0o644  # and is replaced by one only we can write
+
+
+def test_dev_stdout_as_report_target_is_written_through_and_errors_carry_one_prefix(tmp_path):
+    import os
+
+    doc = {"schema_version": 1, "settings": {}, "results": [
+        {"model": "q", "mean": 0.1, "summary": {"mean": 0.1}, "cache": {"key": "k"}}]}
+    (tmp_path / "r.json").write_text(json.dumps(doc))
+    before = os.readlink("/dev/stdout")
+    p = _cli("merge", tmp_path / "r.json", "--json", "/dev/stdout")
+    assert p.returncode == 0, p.stderr[-800:]
+    assert '"schema_version": 1' in p.stdout and os.readlink("/dev/stdout") == before
+    p = _cli("compare", tmp_path / "a", tmp_path / "b", "--mean", "-1")
+    assert p.returncode == 2 and p.stderr.startswith("pytest-kld: ") and "pytest-kld: pytest-kld:" not in p.stderr
