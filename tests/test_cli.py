@@ -102,7 +102,7 @@ def test_cli_threshold_exit_1_strict_versioned_json_and_progress(tiny_model, tmp
     assert r["margins"]["nonfinite"] == 0
     entry = Path(r["cache"]["path"])
     assert json.loads((entry / "manifest.json").read_text())["key"] == r["cache"]["key"]
-    assert r["cache"]["corpus_sha256"] and r["cache"]["reference_fingerprint"].startswith("sha256-sample:")
+    assert r["cache"]["corpus_sha256"] and r["cache"]["reference_fingerprint"].startswith("sha256-full:")
     # the same within budget: exit 0, and the cache is reused (said so), not rebuilt
     p = run(ref, q3, "--mean", 10, "--n-chunks", 3, "--top-k", 16, "--cache-dir", tmp_path / "c")
     assert p.returncode == 0, p.stderr
