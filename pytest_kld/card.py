@@ -3,8 +3,8 @@
     results JSON ─► the quant's row (matched by weights fingerprint) and its neighbours
                  ─► a Markdown section between markers + ``model-index`` eval results ─► README.md
 
-Matching: the quant's directory (or the hub snapshot of a repo id) is fingerprinted the way the
-run did (:func:`pytest_kld.fingerprint.weights_fingerprint`, sampled or full as the row says), and
+Matching: the quant's directory (or the hub snapshot of a repo id) is fingerprinted as the run
+did (:func:`pytest_kld.fingerprint.weights_fingerprint`: content SHA-256 of every file), and
 the one row with that fingerprint is the quant's. Content, not paths: a moved, renamed or freshly
 downloaded copy of the same bytes matches; a rebuilt quant (other bytes, other figures) does not.
 README.md itself is not part of the fingerprint, so writing the card never changes the match.
@@ -20,7 +20,6 @@ wrong: one line says what.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import tempfile
@@ -52,9 +51,11 @@ class CardError(KldError):
 
 def load_results(path) -> dict:
     """The results document at ``path``, of the schema version this reads (one line otherwise)."""
+    from .files import read_json
+
     try:
-        doc = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
+        doc = read_json(path)  # the guarded reader: size, depth and number limits, one line
+    except (OSError, KldError) as e:
         raise CardError(f"{path}: not a readable results file ({e}); write one with --kld-json or --json") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("results"), list):
         raise CardError(f"{path}: not a pytest-kld results file (no results list)")
@@ -68,24 +69,17 @@ def match_row(doc: dict, quant_dir: Path, where: str) -> dict:
     """The one non-reference row whose weights fingerprint is ``quant_dir``'s."""
     from .fingerprint import weights_fingerprint
 
-    prints: dict[bool, str] = {}
-    found = []
-    for r in doc["results"]:
-        fp = str(r.get("fingerprint") or "")
-        full = fp.startswith("sha256-full:")
-        if full not in prints:
-            try:
-                prints[full] = weights_fingerprint(quant_dir, full=full)
-            except (OSError, KldError) as e:
-                raise CardError(f"{where}: cannot fingerprint its weights ({e})") from None
-        if fp == prints[full]:
-            found.append(r)
+    try:
+        mine = weights_fingerprint(quant_dir)
+    except (OSError, KldError) as e:
+        raise CardError(f"{where}: cannot fingerprint its weights ({e})") from None
+    found = [r for r in doc["results"] if str(r.get("fingerprint") or "") == mine]
     refs = {(r.get("cache") or {}).get("reference_fingerprint") for r in doc["results"]}
-    if any(r.get("is_reference") for r in found) or prints.get(False) in refs or prints.get(True) in refs:
+    if any(r.get("is_reference") for r in found) or mine in refs:
         raise CardError(f"{where} is the reference of this run (KL 0 by construction): give a quant")
     if not found:
         names = ", ".join(str(r.get("model")) for r in doc["results"]) or "none"
-        raise CardError(f"{where}: no row of the results has its weights fingerprint {prints.get(False, '')[:28]}… "
+        raise CardError(f"{where}: no row of the results has its weights fingerprint {mine[:28]}… "
                         f"(rows: {names}); compare this exact quant first")
     if len(found) > 1:
         settings = "; ".join(f"mode {r.get('mode')} K {r.get('top_k')} exec {r.get('exec')}" for r in found)
