@@ -104,26 +104,64 @@ MARKER_KEYS = frozenset(o.dest for o in OPTIONS if o.marker)
 
 
 @dataclass(frozen=True)
-class Threshold:
+class Figure:
+    """One statistic of per-position KL(reference || quant) (or of a drift run): how it is computed,
+    checked, shown and gated. A new figure is one more row of :data:`FIGURES`; everything else reads
+    the table when it runs (stats, thresholds, ``assert_kld``, baselines, the leaderboard, the JSON)."""
+
     name: str
-    bound: str  # "upper": the figure must be at most the value; "lower": at least; "count"
     help: str
+    bound: str | None = "upper"  # a threshold: "upper" (at most), "lower" (at least); None: none
+    percentile: float | None = None  # computed as this percentile of the finite positions (stats.py)
+    fmt: str = "{:.4f}"  # how the terminal writes it
+    heading: str | None = None  # its leaderboard column; None: not a column
+    baseline: bool = False  # may be named in a baseline tolerance (paired, bootstrapped over chunks)
+
+    @property
+    def better(self) -> str:
+        """"low" or "high": which end of the column the leaderboard marks best."""
+        return "high" if self.bound == "lower" else "low"
 
 
-THRESHOLDS: tuple[Threshold, ...] = (
-    Threshold("mean", "upper", "mean KLD"),
-    Threshold("median", "upper", "median KLD"),
-    Threshold("p90", "upper", "90th percentile of KLD"),
-    Threshold("p95", "upper", "95th percentile of KLD"),
-    Threshold("p99", "upper", "99th percentile of KLD"),
-    Threshold("p99_9", "upper", "99.9th percentile of KLD"),
-    Threshold("max", "upper", "largest KLD at any position"),
-    Threshold("top1", "lower", "share of positions where both models' most likely token agree (0..1)"),
-    Threshold("drift_match", "lower", "drift mode: mean number of generated tokens before the quant's own greedy "
-              "continuation leaves the reference's (ties forgiven)"),
-    Threshold("drift_kld", "upper", "drift mode: mean KLD along the reference's continuation"),
+FIGURES: tuple[Figure, ...] = (
+    Figure("mean", "mean KLD", fmt="{:.5f}", heading="mean", baseline=True),
+    Figure("median", "median KLD", percentile=50.0, fmt="{:.5f}", heading="median", baseline=True),
+    Figure("p90", "90th percentile of KLD", percentile=90.0, baseline=True),
+    Figure("p95", "95th percentile of KLD", percentile=95.0, heading="P95", baseline=True),
+    Figure("p99", "99th percentile of KLD", percentile=99.0, heading="P99", baseline=True),
+    Figure("p99_9", "99.9th percentile of KLD", percentile=99.9, baseline=True),
+    Figure("max", "largest KLD at any position", heading="max"),
+    Figure("top1", "share of positions where both models' most likely token agree (0..1)", bound="lower",
+           fmt="{:.2%}", heading="top-1"),
+    Figure("drift_match", "drift mode: mean number of generated tokens before the quant's own greedy "
+           "continuation leaves the reference's (ties forgiven)", bound="lower", fmt="{:.1f}"),
+    Figure("drift_kld", "drift mode: mean KLD along the reference's continuation"),
 )
-THRESHOLD_NAMES = tuple(t.name for t in THRESHOLDS)
+
+
+def figure(name: str) -> Figure | None:
+    return next((f for f in FIGURES if f.name == name), None)
+
+
+def thresholds() -> tuple[Figure, ...]:
+    """The figures a threshold may name (``assert_kld(p99=...)``, ``--p99``), read from the table now."""
+    return tuple(f for f in FIGURES if f.bound)
+
+
+def threshold_names() -> tuple[str, ...]:
+    return tuple(f.name for f in thresholds())
+
+
+def percentiles() -> dict[str, float]:
+    """``{name: percentile in percent}`` of the percentile figures (median included)."""
+    return {f.name: f.percentile for f in FIGURES if f.percentile is not None}
+
+
+def baseline_figures() -> tuple[str, ...]:
+    """The figures a baseline tolerance may name: mean and the percentiles marked baseline-eligible."""
+    return tuple(f.name for f in FIGURES if f.baseline)
+
+
 NONFINITE_HELP = "positions with NaN or inf log-probs a model may have before it fails"
 
 
@@ -179,7 +217,7 @@ def add_to_argparse(ap) -> None:
         else:
             ap.add_argument(f"--{o.name}", dest=o.dest, type=o.kind, default=o.default, metavar=o.metavar,
                             choices=o.choices or None, help=text)
-    for t in THRESHOLDS:
+    for t in thresholds():
         flag = t.name.replace("_", ".") if t.name.startswith("p") else t.name.replace("_", "-")  # --p99.9
         ap.add_argument(f"--{flag}", dest=t.name, type=float, default=None, metavar="X",
                         help=f"fail (exit 1) when {t.help} is {'above' if t.bound == 'upper' else 'below'} X")
