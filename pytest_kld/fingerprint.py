@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ModelError
-from .models import _read_header_bytes, weight_files
+from .models import read_header_bytes, weight_files
 
 
 def sha256_json(obj) -> str:
@@ -72,7 +72,7 @@ def weights_fingerprint(path: Path, *, full: bool = False) -> str:
                 for block in iter(lambda: fh.read(1 << 22), b""):
                     h.update(block)
             else:
-                header = _read_header_bytes(f)
+                header = read_header_bytes(f)
                 h.update(struct.pack("<Q", len(header)))
                 h.update(header)
                 _hash_sample(h, fh, 8 + len(header), size)

@@ -41,6 +41,15 @@ class Option:
         return "none" if self.default is None else str(self.default)
 
 
+# Choice lists and per-mode defaults: the one home of each, read by the modules that use them.
+MODES = ("short", "long", "file", "drift")  # corpus modes (corpus.py, the results schema)
+N_CTX = {"short": 512, "long": 2048, "file": 512, "drift": 512}  # tokens per chunk by mode
+N_CHUNKS_LONG = 32  # long mode reads at most this many WikiText-2 chunks by default
+EXEC_MODES = ("auto", "native", "float32")  # forward.py
+VOCAB_BACKENDS = ("auto", "numpy", "mlx")  # vocab.py
+DIST_BACKENDS = ("ring", "jaccl", "jaccl-ring", "mpi")  # distributed.py: mlx.launch backends
+
+
 OPTIONS: tuple[Option, ...] = (
     Option("reference", str, None, "reference model: a local MLX model directory or a hub id", marker=True,
            default_text="none; KLD tests error without one"),
@@ -51,22 +60,22 @@ OPTIONS: tuple[Option, ...] = (
            marker=True),
     Option("mode", str, "short", "corpus: short (bundled prompts), long (WikiText-2), file (--kld-dataset) or "
            "drift (the quant's own greedy continuations against the reference's)",
-           choices=("short", "long", "file", "drift"), marker=True),
+           choices=MODES, marker=True),
     Option("dataset", str, None, "a .txt, .jsonl or .parquet corpus file (sets mode to file)", marker=True),
     Option("drift-tokens", int, 64, "drift mode: tokens the reference generates greedily per prompt", minimum=1,
            marker=True),
     Option("top-k", int, 256, "log-probs kept per scored position in the reference cache", minimum=1, marker=True),
     Option("n-ctx", int, None, "tokens per chunk", minimum=2, marker=True,
-           default_text="by mode: short 512, long 2048, file 512"),
+           default_text="by mode: " + ", ".join(f"{m} {n}" for m, n in N_CTX.items() if m != "drift")),
     Option("n-chunks", int, None, "first N records (short, file) or at most N chunks (long)", minimum=1,
-           marker=True, default_text="all; long 32"),
+           marker=True, default_text=f"all; long {N_CHUNKS_LONG}"),
     Option("chunk-tokens", int, 512, "tokens per forward pass within a chunk (0: the whole chunk)", minimum=0,
            marker=True),
     Option("exec", str, "auto", "execution precision: auto, native or float32 (dequantised; fast on a CPU)",
-           choices=("auto", "native", "float32"), marker=True),
+           choices=EXEC_MODES, marker=True),
     Option("vocab-backend", str, "auto", "where a reference build does the vocabulary-wide work (log-softmax, "
            "top-K, tail): numpy, mlx (on the GPU where there is one), or auto (numpy on a CPU; with a GPU both "
-           "timed on the first piece, MLX kept when 1.5x faster); recorded in the cache, whose comparisons use the same", choices=("auto", "numpy", "mlx")),
+           "timed on the first piece, MLX kept when 1.5x faster); recorded in the cache, whose comparisons use the same", choices=VOCAB_BACKENDS),
     Option("cache-dir", str, None, "reference cache directory", default_text="$PYTEST_KLD_CACHE_DIR or the user cache"),
     Option("json", str, None, "write settings, versions and every result to this JSON file"),
     Option("markdown", str, None, "write the leaderboard as Markdown, e.g. $GITHUB_STEP_SUMMARY (appended to)"),
@@ -95,11 +104,16 @@ OPTIONS: tuple[Option, ...] = (
     Option("ranks", int, 1, "processes per host of a distributed reference build (2 and no hosts: two ranks "
            "on this machine)", minimum=1),
     Option("backend", str, None, "mlx.launch backend of a distributed reference build",
-           choices=("ring", "jaccl", "jaccl-ring", "mpi"), default_text="the hostfile's, else ring"),
+           choices=DIST_BACKENDS, default_text="the hostfile's, else ring"),
     Option("shard-quants", bool, False, "run each compared model sharded over the same ranks too (a quant too "
            "large for one machine); by default quants run in this process"),
 )
 BY_DEST = {o.dest: o for o in OPTIONS}
+
+
+def default(dest: str):
+    """The default of setting ``dest`` (``"top_k"``): what every module that needs one reads."""
+    return BY_DEST[dest].default
 MARKER_KEYS = frozenset(o.dest for o in OPTIONS if o.marker)
 
 

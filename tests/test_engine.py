@@ -90,10 +90,10 @@ def _logprobs_full_call(model, ids, start, end, chunk_tokens):
 def test_scored_rows_only_equal_the_full_call_bit_for_bit(arch, tiny_model, bits):
     """Logits at scored rows only, with the next piece started asynchronously, give exactly the
     log-probs of the model's own full call (issue 13: not a single result changes)."""
-    from pytest_kld.forward import _output_split
+    from pytest_kld.forward import output_split
 
     lm = load_model(tiny_model(arch, bits=bits), "float32")
-    assert _output_split(lm.model) is not None  # the fast path is taken for every tiny family
+    assert output_split(lm.model) is not None  # the fast path is taken for every tiny family
     ids = np.array(lm.tokenizer.encode("The river rose slowly through the night. " * 6), dtype=np.int32)
     n = len(ids)
     for start, ct in ((0, 16), (n // 2, 16), (n // 3, 7), (5, 0)):

@@ -9,10 +9,10 @@ import zlib
 
 import pytest
 
+from pytest_kld.board import DIRECTION, build
 from pytest_kld.chart import write_chart
 from pytest_kld.errors import KldError
 from pytest_kld.markdown import markdown, write_markdown
-from pytest_kld.board import DIRECTION, build
 
 
 def _info(name, bpw, *, label="4-bit g64", elevated=None, overrides=0, hist=None, **kw):
