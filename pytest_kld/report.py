@@ -73,10 +73,15 @@ def leaderboard_lines(board: Board | list, *, by_category: bool = False, quant: 
     return out
 
 
+def heading(c) -> str:
+    """A column's terminal heading: the table's, with " %" for a share (the terminal's unit)."""
+    return c.heading + (" %" if c.fmt.endswith("%}") else "")
+
+
 def _head(board: Board) -> list[str]:
     head = ["model"]
     for c in board.columns:
-        head.append(c.heading)
+        head.append(heading(c))
         if c.key == "mean":
             head += ["95% CI", *(["vs above"] if board.pairs else [])]
     return head + (["non-finite"] if board.broken else []) + (["vs baseline"] if board.with_baseline else []) + ["result"]

@@ -12,7 +12,7 @@ import pytest
 from pytest_kld import options
 from pytest_kld.board import build
 from pytest_kld.markdown import markdown
-from pytest_kld.report import leaderboard_lines
+from pytest_kld.report import heading, leaderboard_lines
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,8 @@ def test_the_same_run_rendered_three_ways_agrees(rows, tmp_path):
 
     board = build(rows)
     headings = {c.heading: c.key for c in board.columns}
-    t_order, t_marks, t_pairs = _terminal(leaderboard_lines(rows, quant=False), headings)
+    t_order, t_marks, t_pairs = _terminal(leaderboard_lines(rows, quant=False),
+                                          {heading(c): c.key for c in board.columns})
     m_order, m_marks, m_pairs = _markdown(markdown(rows), headings)
     write_json(tmp_path / "r.json", defaults(), rows)
     doc = json.loads((tmp_path / "r.json").read_text())
@@ -89,6 +90,25 @@ def test_the_same_run_rendered_three_ways_agrees(rows, tmp_path):
     assert t_pairs == m_pairs == j_pairs and len(j_pairs) == 2  # q4 under q8, q3 under q4
     assert all(apart for *_, apart in j_pairs)  # 8, 4 and 3 bits are told apart on these positions
     assert lb["pareto"] == ["llama-q3-g64", "llama-q4-g64", "llama-q8-g64"]  # each better and bigger
+
+
+def test_merge_reads_a_results_file_of_before_the_leaderboard(rows, tmp_path, capsys):
+    """A results file without "leaderboard" is still valid and merges into the same leaderboard;
+    merge keeps the per-category table when asked (or when the run asked)."""
+    from tiny import validate_results
+
+    from pytest_kld.cli import main
+    from pytest_kld.run import defaults, write_json
+
+    write_json(tmp_path / "new.json", defaults(), rows)
+    doc = json.loads((tmp_path / "new.json").read_text())
+    old = {k: v for k, v in doc.items() if k != "leaderboard"}
+    validate_results(old)
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert main(["merge", str(tmp_path / "old.json"), "--by-category", "--json", str(tmp_path / "m.json")]) == 1  # q3 failed
+    assert json.loads((tmp_path / "m.json").read_text())["leaderboard"] == doc["leaderboard"]
+    out = capsys.readouterr().out
+    assert "mean KLD by category" in out and "FAIL" in out
 
 
 def test_pareto_front_leaves_out_a_quant_both_bigger_and_worse():
@@ -164,3 +184,21 @@ def test_a_figure_added_to_the_table_alone_reaches_every_output(pytester, tiny_m
     result = pytester.runpytest_inprocess(*args)
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines([f"*p75: {p75:.6g} > allowed {p75 * 0.99:.6g}*FAILED"])
+
+
+def test_a_plugged_section_reaches_terminal_markdown_and_json(tmp_path):
+    """What a later feature (sensitivity, cards) adds to the board is printed and carried."""
+    from pytest_kld.board import Section
+    from pytest_kld.run import defaults, write_json
+
+    rows = [{"model": m, "summary": {"mean": mean, "count": 10}, "info": {"bits_per_weight": b}, "outcome": "passed"}
+            for m, b, mean in (("a", 4.0, 0.4), ("b", 8.0, 0.01))]
+    board = build(rows)
+    board.sections.append(Section("sensitivity", ["", "sensitivity: layer 3 first"], ["### Sensitivity", ""],
+                                  {"layers": [3, 1]}))
+    assert leaderboard_lines(board)[-1] == "sensitivity: layer 3 first"
+    assert "### Sensitivity" in markdown(board)
+    write_json(tmp_path / "r.json", defaults(), board)
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert doc["leaderboard"]["sections"] == {"sensitivity": {"layers": [3, 1]}}
+    assert doc["leaderboard"]["order"] == ["b", "a"] and doc["results"] == rows
