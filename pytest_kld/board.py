@@ -208,9 +208,7 @@ def neighbours(rows: list[dict]) -> dict[int, dict]:
     """For rows in leaderboard order: ``{i: paired difference of row i's mean KLD minus row
     i−1's}`` (``{"diff", "se", "low", "high", "apart", "above"}``), for each row whose neighbour
     above was measured on the same cache and positions (per-chunk sums in ``row["chunks"]``); the
-    reference and broken rows are skipped."""
-    from .intervals import paired_sums
-
+    reference and broken rows are skipped. numpy is imported only when there is a pair."""
     out = {}
     for i in range(1, len(rows)):
         a, b = rows[i], rows[i - 1]
@@ -218,6 +216,8 @@ def neighbours(rows: list[dict]) -> dict[int, dict]:
             continue
         if (a.get("cache") or {}).get("key") != (b.get("cache") or {}).get("key"):
             continue
+        from .intervals import paired_sums
+
         d = paired_sums(a["chunks"]["sum"], a["chunks"]["count"], b["chunks"]["sum"], b["chunks"]["count"])
         if math.isfinite(d["low"]):
             out[i] = {**d, "apart": not (d["low"] <= 0 <= d["high"]), "above": b.get("label", b.get("model"))}
