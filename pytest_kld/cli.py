@@ -83,14 +83,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _settings(args, root=None) -> dict:
-    """The settings of the command's flags, checked (:func:`pytest_kld.step.prepare`)."""
+def _settings(args) -> dict:
+    """The settings of the command's flags, checked, baselines under the working directory
+    (:func:`pytest_kld.step.prepare`)."""
     import os
 
     from .options import OPTIONS
     from .step import prepare
 
-    return prepare({o.dest: getattr(args, o.dest, o.default) for o in OPTIONS}, prefix="--", root=root or os.getcwd())
+    return prepare({o.dest: getattr(args, o.dest, o.default) for o in OPTIONS}, prefix="--", root=os.getcwd())
 
 
 def _open(s: dict):
