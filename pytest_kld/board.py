@@ -100,7 +100,7 @@ class Board:
             "pairs": [{"model": self.rows[i]["label"], "above": self.rows[i - 1]["label"],
                        **{k: d[k] for k in ("diff", "se", "low", "high", "apart")}} for i, d in self.pairs.items()],
             "pareto": [self.rows[i]["label"] for i in self.pareto],
-            "categories": {c: {r["label"]: m for r, cells in self.category_rows for m, _ in [cells[j]] if m is not None}
+            "categories": {c: {r["label"]: cells[j][0] for r, cells in self.category_rows if cells[j][0] is not None}
                            for j, c in enumerate(self.categories)},
             "drift": [r["label"] for r in self.drift],
             "sections": {s.name: s.data for s in self.sections},
