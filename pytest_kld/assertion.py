@@ -5,10 +5,13 @@ JUnit XML (``user_properties``) and xdist."""
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 
+from . import options
 from .errors import KldError
-from .thresholds import allowed_nonfinite, evaluate, nonfinite_line, validate, validate_categories
+from .thresholds import nonfinite_line
 
 JUNIT_FIGURES = ("mean", "se", "se_cluster", "ci95_low", "ci95_high", "median", "p95", "p99", "p99_ci95_low",
                  "p99_ci95_high", "max", "top1")
@@ -27,42 +30,38 @@ class KldCompare:
     def __call__(self, model, *, nonfinite: int = 0, name: str | None = None, exec: str | None = None,
                  revision: str | None = None):
         __tracebackhide__ = True
-        allowed = _or_fail(lambda: allowed_nonfinite(nonfinite, "kld_compare"))
-        result = self.compare(model, name=name, exec=exec, revision=revision, thresholds={"nonfinite": allowed})
-        line = nonfinite_line(result, allowed)
+        from .step import limits
+
+        checks = _or_fail(lambda: limits(self.settings, {}, nonfinite=nonfinite, baseline=False, where="kld_compare"))
+        result = self.measure(model, checks, name=name, exec=exec, revision=revision).result
+        line = nonfinite_line(result, checks.nonfinite)
         if line:
             pytest.fail(f"{result.model} is broken: {line}", pytrace=False)
         return result
 
-    def compare(self, model, *, name=None, exec=None, revision=None, thresholds: dict | None = None):
-        """One comparison, recorded; a KldError fails the test in one line."""
+    def measure(self, model, checks, *, name=None, exec=None, revision=None):
+        """The per-model step (:func:`pytest_kld.step.measure`), recorded; a KldError fails the test
+        in one line."""
         __tracebackhide__ = True
-        result = self.run(model, name=name, exec=exec, revision=revision)
-        self.record(result, thresholds)
-        return result
-
-    def run(self, model, *, name=None, exec=None, revision=None):
-        """One comparison, not yet recorded; a KldError fails the test in one line."""
-        __tracebackhide__ = True
-        from .run import compare_model
+        from .step import measure
 
         label = f"comparing {name or model}"
-        return _or_fail(lambda: compare_model(self.cache, self.settings, model, name=name, exec=exec,
-                                              revision=revision, progress=self.session.progress(label)))
+        m = _or_fail(lambda: measure(self.cache, self.settings, model, checks, test=self.node.nodeid, name=name,
+                                     exec=exec, revision=revision, progress=self.session.progress(label)))
+        self.record(m.row, m.result)
+        return m
 
-    def record(self, result, thresholds: dict | None, baseline: dict | None = None) -> None:
-        from .run import row
-
-        r = row(result, thresholds=thresholds)
+    def record(self, r: dict, result) -> None:
+        """The row for the leaderboard (travelling on the test's report) and the figures as the
+        test's ``user_properties`` (JUnit XML)."""
         r["nodeid"] = self.node.nodeid
-        if baseline is not None:
-            r["baseline"] = baseline
-        s = result.summary
+        s, baseline = result.summary, r.get("baseline")
+        figures = (*JUNIT_FIGURES, *(f.name for f in options.FIGURES if f.name not in JUNIT_FIGURES))
         props = [("kld_model", result.model), ("kld_reference", result.reference.get("name")),
                  ("kld_direction", "KL(reference || quant)"), ("kld_exec", result.exec)]
-        props += [(f"kld_{k}", s[k]) for k in JUNIT_FIGURES if s.get(k) is not None]
+        props += [(f"kld_{k}", s[k]) for k in figures if s.get(k) is not None]
         props += [("kld_positions", s.get("count", 0) + s.get("nonfinite", 0)), ("kld_nonfinite", s.get("nonfinite", 0))]
-        props += [(f"kld_threshold_{k}", v) for k, v in (thresholds or {}).items()]
+        props += [(f"kld_threshold_{k}", v) for k, v in (r.get("thresholds") or {}).items()]
         if r.get("bpw") is not None:
             props.append(("kld_bits_per_weight", r["bpw"]))
         if baseline is not None:
@@ -80,13 +79,14 @@ class AssertKld:
     Compares ``model`` with the reference and fails the test, in one message, listing every
     threshold with its observed value: KLD figures (nats, KL(reference || quant)) must be at most
     their value, top1 (the share of positions where both models' top token agree) at least its
-    value; a value equal to its threshold passes. In drift mode (``@pytest.mark.kld(mode="drift")``),
-    ``drift_match`` is a lower bound on the mean number of tokens the quant's own greedy
-    continuation stays with the reference's, ``drift_kld`` an upper bound on the mean KLD along the
-    reference's continuation (:mod:`pytest_kld.drift`). ``categories`` maps a corpus category to its own
-    thresholds, e.g. ``{"code": {"mean": 0.05}}``. More than ``nonfinite`` positions with NaN or inf
-    log-probs fail the test too (a broken model). The reference is set up before the test runs (a
-    missing one is a setup error).
+    value; a value equal to its threshold passes. The thresholds are the figures table's
+    (:data:`pytest_kld.options.FIGURES`; ``inspect.signature`` lists them). In drift mode
+    (``@pytest.mark.kld(mode="drift")``), ``drift_match`` is a lower bound on the mean number of
+    tokens the quant's own greedy continuation stays with the reference's, ``drift_kld`` an upper
+    bound on the mean KLD along the reference's continuation (:mod:`pytest_kld.drift`).
+    ``categories`` maps a corpus category to its own thresholds, e.g. ``{"code": {"mean": 0.05}}``.
+    More than ``nonfinite`` positions with NaN or inf log-probs fail the test too (a broken model).
+    The reference is set up before the test runs (a missing one is a setup error).
 
     With a baselines directory (``--kld-baselines``, or ``kld_baselines/`` under the rootdir), the
     quant is also checked against its baseline — the slot is the test and ``name`` (or the model's
@@ -99,36 +99,22 @@ class AssertKld:
     def __init__(self, compare: KldCompare):
         self._compare = compare
 
-    def __call__(
-        self,
-        model,
-        /,
-        *positional,
-        mean=None,
-        median=None,
-        p90=None,
-        p95=None,
-        p99=None,
-        p99_9=None,
-        max=None,
-        top1=None,
-        drift_match=None,
-        drift_kld=None,
-        categories: dict | None = None,
-        nonfinite: int = 0,
-        name: str | None = None,
-        exec: str | None = None,
-        revision: str | None = None,
-        baseline: bool = True,
-        baseline_fail=None,
-        **unknown,
-    ):
-        __tracebackhide__ = True
-        from .regression import gate, parse_tolerance
+    @property
+    def __signature__(self) -> inspect.Signature:
+        """The call's real signature: the model, one keyword per threshold of the figures table, the rest."""
+        kw = inspect.Parameter.KEYWORD_ONLY
+        params = [inspect.Parameter("model", inspect.Parameter.POSITIONAL_ONLY)]
+        params += [inspect.Parameter(f.name, kw, default=None) for f in options.thresholds()]
+        params += [inspect.Parameter(k, kw, default=v) for k, v in (
+            ("categories", None), ("nonfinite", 0), ("name", None), ("exec", None), ("revision", None),
+            ("baseline", True), ("baseline_fail", None))]
+        return inspect.Signature(params)
 
-        limits = dict(mean=mean, median=median, p90=p90, p95=p95, p99=p99, p99_9=p99_9, max=max, top1=top1,
-                      drift_match=drift_match, drift_kld=drift_kld)
-        settings = self._compare.settings
+    def __call__(self, model, /, *positional, categories: dict | None = None, nonfinite: int = 0,
+                 name: str | None = None, exec: str | None = None, revision: str | None = None,
+                 baseline: bool = True, baseline_fail=None, **thresholds):
+        __tracebackhide__ = True
+        from .step import limits
 
         def checked():
             if positional:
@@ -136,30 +122,22 @@ class AssertKld:
                     "assert_kld: thresholds are keywords, e.g. assert_kld(model, mean=0.1, p99=1.0); "
                     f"got positional {', '.join(map(repr, positional))}"
                 )
-            if not isinstance(baseline, bool):
-                raise KldError(f"assert_kld: baseline={baseline!r} must be True or False")
-            spec = settings["baseline_fail"] if baseline_fail is None else baseline_fail
-            parse_tolerance(spec, "assert_kld: baseline_fail" if baseline_fail is not None else "--kld-baseline-fail")
-            return validate({**limits, **unknown}), validate_categories(categories), allowed_nonfinite(
-                nonfinite, "assert_kld"), spec
+            return limits(self._compare.settings, thresholds, categories=categories, nonfinite=nonfinite,
+                          baseline=baseline, baseline_fail=baseline_fail)
 
-        thresholds, cats, allowed, spec = _or_fail(checked)
-        slot = _or_fail(lambda: self._slot(model, name)) if baseline and settings.get("baselines") else None
-        result = self._compare.run(model, name=name, exec=exec, revision=revision)
-        entry, gate_message = (None, None)
-        if slot is not None:
-            entry, gate_message = _or_fail(lambda: gate(settings, self._compare.node.nodeid, slot, result, spec))
-        self._compare.record(result, {**thresholds, "nonfinite": allowed}, entry)
-        message = "\n".join(m for m in (evaluate(result, thresholds, cats, allowed), gate_message) if m)
-        if message:
-            pytest.fail(message, pytrace=False)
-        return result
+        checks = _or_fail(checked)
+        if checks.tolerance is not None and self._compare.settings.get("baselines"):
+            _or_fail(lambda: self._slot(model, name))  # two models of one test in one slot: an error
+        m = self._compare.measure(model, checks, name=name, exec=exec, revision=revision)
+        if m.message:
+            pytest.fail(m.message, pytrace=False)
+        return m.result
 
 
     def _slot(self, model, name) -> str:
         """The call's baseline slot: ``name`` or the model's short name; two models of one test
         in one slot (directories with the same last name, no ``name=``) are an error."""
-        from .report import display_name
+        from .board import display_name
 
         slot = name or display_name(str(model))
         first = self._compare.slots.setdefault(slot, str(model))

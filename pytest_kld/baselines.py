@@ -99,6 +99,9 @@ def document(result, nodeid: str, slot: str) -> dict:
     cache = result.settings.get("cache") or {}
     summary_keys = ("mean", "se", "se_cluster", "ci95_low", "ci95_high", "median", "p90", "p95", "p99",
                     "p99_ci95_low", "p99_ci95_high", "p99_9", "max", "top1", "count", "nonfinite", "clusters")
+    from . import options
+
+    summary_keys += tuple(f.name for f in options.FIGURES if f.name not in summary_keys)  # a figure added there
     data = kl.astype("<f4").tobytes()
     return {
         "pytest_kld_baseline": BASELINE_VERSION,

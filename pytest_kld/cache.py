@@ -27,10 +27,11 @@ from pathlib import Path
 from . import reference as store
 from .errors import CacheError
 from .fingerprint import sha256_json
+from .options import default
 from .reference import FORMAT_VERSION, ReferenceCache, Settings, default_cache_dir
 
 DEFAULT_SETTINGS = Settings()
-LOCK_TIMEOUT = 600.0  # seconds without a sign of life from a lock's holder before giving up
+LOCK_TIMEOUT = float(default("lock_timeout"))  # seconds without a sign of life from a lock's holder
 
 
 

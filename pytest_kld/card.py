@@ -89,11 +89,11 @@ def match_row(doc: dict, quant_dir: Path, where: str) -> dict:
 
 def run_rows(doc: dict, row: dict) -> list[dict]:
     """The quants measured on the same reference cache as ``row``, best mean first."""
-    from .report import ordered_rows
+    from .board import sort_key
 
     key = (row.get("cache") or {}).get("key")
-    return ordered_rows(r for r in doc["results"]
-                        if not r.get("is_reference") and (r.get("cache") or {}).get("key") == key)
+    return sorted((r for r in doc["results"] if not r.get("is_reference") and (r.get("cache") or {}).get("key") == key),
+                  key=sort_key)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,7 +107,7 @@ def _local(name: str) -> bool:
 
 def provenance(doc: dict, row: dict) -> dict:
     """Reference, corpus, K, exec, tool: what someone needs to reproduce or compare the figures."""
-    from .report import display_name
+    from .board import display_name
 
     s, cache = doc.get("settings") or {}, row.get("cache") or {}
     ref = str(row.get("reference") or s.get("reference") or "?")
@@ -145,8 +145,8 @@ def _cell(text) -> str:
 def section(doc: dict, row: dict, *, chart: str | None = None) -> str:
     """The card's Markdown section, markers included: the quant's row and its neighbours of the
     same run, the paired difference from the row above, and the provenance."""
-    from .regression import neighbour_text, neighbours
-    from .report import DIRECTION, ci_text
+    from .board import DIRECTION, neighbours
+    from .report import ci_text, neighbour_text
 
     rows = run_rows(doc, row)
     i = next(j for j, r in enumerate(rows) if r is row)
@@ -224,7 +224,7 @@ def eval_results(doc: dict, row: dict) -> list:
     agreement, bits per weight; the reference, corpus, K, exec and tool in each one's args."""
     from huggingface_hub import EvalResult
 
-    from .report import DIRECTION
+    from .board import DIRECTION
 
     p = provenance(doc, row)
     args = {"direction": DIRECTION, "reference": p["reference"], "reference_revision": p["reference_revision"],

@@ -1,5 +1,7 @@
-"""The leaderboard as a PNG chart: mean KLD (log scale) against effective bits per weight.
-matplotlib is imported only here, and only its object-oriented Agg canvas is used: no pyplot, no
+"""The leaderboard as a PNG chart: mean KLD (log scale) against effective bits per weight, from a
+:class:`pytest_kld.board.Board` (or result rows, built into one): each point with its 95% interval
+as an error bar, failed quants drawn as crosses, the Pareto front (no quant both smaller and
+better) as a dashed line. matplotlib is imported only here, and only its object-oriented Agg canvas is used: no pyplot, no
 change to the process's matplotlib backend.
 """
 
@@ -9,26 +11,25 @@ import math
 import os
 from pathlib import Path
 
+from .board import DIRECTION, build, display_name
 from .errors import KldError
-from .report import DIRECTION, display_name, ordered_rows, row_mean, row_passed, row_summary
+
+STYLE = {"passed": ("#2ca02c", "o", "passed"), "failed": ("#d62728", "X", "failed"),
+         None: ("#1f77b4", "o", "no threshold")}  # status: colour, marker, legend
 
 
-def _color(row: dict) -> str:
-    if row_passed(row) is True:
-        return "#2ca02c"
-    if row_passed(row) is False:
-        return "#d62728"
-    return "#1f77b4"
+def _style(row: dict) -> tuple[str, str, str]:
+    return STYLE.get(row.get("status"), STYLE[None])
 
 
-def write_chart(rows, path, *, title: str | None = None, dpi: int = 120) -> Path:
+def write_chart(board, path, *, title: str | None = None, dpi: int = 120) -> Path:
     """Write :func:`chart_figure` as a PNG at ``path``."""
     import io
 
     from .files import write_bytes
 
     path = Path(os.fspath(path))
-    fig = chart_figure(rows, title=title, dpi=dpi)
+    fig = chart_figure(board, title=title, dpi=dpi)
     try:
         if not path.parent.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -40,14 +41,14 @@ def write_chart(rows, path, *, title: str | None = None, dpi: int = 120) -> Path
     return path
 
 
-def chart_figure(rows, *, title: str | None = None, dpi: int = 120):
+def chart_figure(board, *, title: str | None = None, dpi: int = 120):
     """A matplotlib Figure (Agg canvas, no pyplot) of mean KLD (log y) against effective bits
-    per weight, one labelled point per model.
+    per weight, one labelled point per model with its 95% interval, the Pareto front a line.
 
     Labels are placed so that they overlap neither each other nor the points. The reference is
     not plotted (its KLD against itself is 0, off a log axis): a note names it, with its bits
     per weight; other rows without a positive, finite mean or without bits per weight are listed
-    in the same note. Green: passed, red: failed, blue: no verdict.
+    in the same note. Green: passed, red cross: failed, blue: no verdict.
     """
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -61,17 +62,27 @@ def chart_figure(rows, *, title: str | None = None, dpi: int = 120):
     fig = Figure(figsize=(8, 5), dpi=dpi)
     canvas = FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    plotted, skipped, references = _sort_rows(rows)
+    board = build(board)
+    plotted, skipped, references = _sort_rows(board)
     for bpw, mean, row in plotted:
-        ax.scatter(
-            [bpw], [mean], s=40, color=_color(row), zorder=3, edgecolors="black", linewidths=0.5
-        )
+        color, marker, _ = _style(row)
+        low, high = row.get("ci95_low"), row.get("ci95_high")
+        if isinstance(low, float) and isinstance(high, float) and math.isfinite(low) and math.isfinite(high):
+            below = mean - max(low, mean * 1e-3)  # a log axis has no 0
+            ax.errorbar([bpw], [mean], yerr=[[max(below, 0.0)], [max(high - mean, 0.0)]], fmt="none",
+                        ecolor=color, elinewidth=1, capsize=3, zorder=2)
+        ax.scatter([bpw], [mean], s=55 if marker == "X" else 40, marker=marker, color=color, zorder=3,
+                   edgecolors="black", linewidths=0.5)
+    front = [(board.rows[i]["bpw"], board.rows[i]["mean"]) for i in board.pareto]
+    if len(front) > 1:
+        ax.plot(*zip(*front), linestyle="--", color="dimgray", linewidth=1, zorder=1,
+                label="Pareto front: no quant both smaller and better")
     notes = _notes(references, skipped)
     if notes:
         ax.text(0.01, 0.01, "\n".join(notes), fontsize=7, color="dimgray", transform=ax.transAxes)
     ax.set_xlabel("effective bits per weight (weights, scales, biases, float tensors)")
     ax.set_ylabel("mean KLD, nats (log scale); lower is better")
-    sub = _chart_subtitle(rows)
+    sub = _chart_subtitle(board.rows)
     ax.set_title(title or f"mean {DIRECTION} against bits per weight" + (f"\n{sub}" if sub else ""), fontsize=10)
     if plotted:
         _scale_and_legend(ax, plotted, bool(notes))
@@ -91,16 +102,16 @@ def chart_figure(rows, *, title: str | None = None, dpi: int = 120):
     return fig
 
 
-def _sort_rows(rows):
-    """(plotted [(bits/w, mean, row)], skipped rows, reference rows): a row is plotted when it
-    has a positive, finite mean and a bits/w (a log axis has no 0)."""
+def _sort_rows(board):
+    """(plotted [(bits/w, mean, row)], skipped rows, reference rows), in the board's order: a row
+    is plotted when it has a positive, finite mean and a bits/w (a log axis has no 0)."""
     plotted, skipped, references = [], [], []
-    for row in ordered_rows(rows):
-        mean = row_mean(row)
-        bpw = (row.get("info") or {}).get("bits_per_weight")
+    for row in board.rows:
+        mean = row.get("mean")
+        bpw = row.get("bpw")
         if row.get("is_reference"):
             references.append(row)
-        elif mean is None or not math.isfinite(mean) or mean <= 0 or not isinstance(bpw, (int, float)) or isinstance(bpw, bool):
+        elif not isinstance(mean, (int, float)) or not math.isfinite(mean) or mean <= 0 or not isinstance(bpw, (int, float)) or isinstance(bpw, bool):
             skipped.append(row)
         else:
             plotted.append((float(bpw), float(mean), row))
@@ -112,9 +123,9 @@ def _notes(references, skipped) -> list[str]:
     for row in references:
         bpw = (row.get("info") or {}).get("bits_per_weight")
         at = f", {bpw:.2f} bits/w" if isinstance(bpw, (int, float)) else ""
-        notes.append(f"not plotted: the reference \"{row.get('model', '?')}\"{at} (KLD 0 against itself)")
+        notes.append(f"not plotted: the reference \"{row['label']}\"{at} (KLD 0 against itself)")
     if skipped:
-        names = ", ".join(str(r.get("model", "?")) for r in skipped)
+        names = ", ".join(r["label"] for r in skipped)
         notes.append(f"not plotted (mean KLD 0 or unknown, or bits/w unknown): {names}")
     return notes
 
@@ -122,13 +133,11 @@ def _notes(references, skipped) -> list[str]:
 def _scale_and_legend(ax, plotted, notes: bool) -> None:
     """Log y axis, limits with room for the labels (and the notes), the colours' legend, a grid."""
     ax.set_yscale("log")
-    seen = {(row_passed(r), _color(r)) for _, _, r in plotted}
-    names = {True: "passed", False: "failed", None: "no threshold"}
-    handles = [
-        ax.scatter([], [], s=40, color=c, edgecolors="black", linewidths=0.5, label=names[p])
-        for p, c in sorted(seen, key=lambda pc: str(pc[0]))
-    ]
-    ax.legend(handles=handles, loc="upper right", fontsize=8)  # what the colours mean
+    seen = sorted({_style(r) for _, _, r in plotted}, key=lambda st: st[2])
+    handles = [ax.scatter([], [], s=40, marker=m, color=c, edgecolors="black", linewidths=0.5, label=name)
+               for c, m, name in seen]
+    handles += [line for line in ax.get_lines() if line.get_label().startswith("Pareto")]
+    ax.legend(handles=handles, loc="upper right", fontsize=8)  # what the colours, crosses and line mean
     xs = [p[0] for p in plotted]
     ys = [p[1] for p in plotted]
     lo, hi = min(xs), max(xs)
@@ -142,7 +151,7 @@ def _scale_and_legend(ax, plotted, notes: bool) -> None:
 
 
 def _chart_subtitle(rows) -> str:
-    """Reference, mode, positions and K of the rows (the flat keys of report.result_row)."""
+    """Reference, mode, positions and K of the board's rows."""
 
     parts = []
     refs = sorted({str(r.get("reference")) for r in rows if r.get("reference")})
@@ -151,7 +160,7 @@ def _chart_subtitle(rows) -> str:
     modes = sorted({str(r.get("mode")) for r in rows if r.get("mode")})
     if modes:
         parts.append("mode " + ", ".join(modes))
-    counts = sorted({int(row_summary(r)["count"]) for r in rows if isinstance(row_summary(r).get("count"), (int, float))})
+    counts = sorted({int(r["count"]) for r in rows if isinstance(r.get("count"), (int, float))})
     if counts:
         parts.append(", ".join(map(str, counts)) + " positions")
     ks = sorted({r.get("top_k") for r in rows if isinstance(r.get("top_k"), int)})
@@ -203,7 +212,7 @@ def _place_labels(ax, renderer, plotted) -> None:
         for dx, dy, ha in _OFFSETS:
             far = abs(dx) > 10 or abs(dy) > 20
             ann = ax.annotate(
-                str(row.get("model", "?")),
+                row["label"],
                 (bpw, mean),
                 textcoords="offset points",
                 xytext=(dx, dy),

@@ -23,7 +23,7 @@ import argparse
 import json
 import sys
 
-from .options import THRESHOLD_NAMES, add_to_argparse
+from .options import add_to_argparse, threshold_names
 
 COMMANDS = ("compare", "build", "info", "export", "push", "merge", "doctor", "card")
 
@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     crd.add_argument("--out", default=None, help="directory to write README.md into (default: the quant's directory)")
     crd.add_argument("--push", nargs="?", const=True, default=None, metavar="REPO",
                      help="upload the card to this hub model repo (default: QUANT when it is a hub repo id)")
+    mrg.add_argument("--by-category", action="store_true", default=None,
+                     help="add mean KLD per corpus category to the leaderboard (default: as the first run was set)")
     return ap
 
 
@@ -93,15 +95,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _settings(args) -> dict:
-    from .errors import KldError
-    from .options import OPTIONS, check
+    """The settings of the command's flags, checked, baselines under the working directory
+    (:func:`pytest_kld.step.prepare`)."""
+    import os
 
-    s = {o.dest: getattr(args, o.dest, o.default) for o in OPTIONS}
-    for o in OPTIONS:
-        why = check(o.dest, s[o.dest], f"--{o.name}")
-        if why:
-            raise KldError(why)
-    return s
+    from .options import OPTIONS
+    from .step import prepare
+
+    return prepare({o.dest: getattr(args, o.dest, o.default) for o in OPTIONS}, prefix="--", root=os.getcwd())
 
 
 def _doctor(args) -> int:
@@ -125,13 +126,9 @@ def _open(s: dict):
 
 
 def _compare(args) -> int:
-    import os
-
     from .progress import Progress
-    from .regression import gate, parse_tolerance
-    from .report import display_name
-    from .run import baselines_dir, compare_model, output_paths, row, write_reports
-    from .thresholds import evaluate, validate
+    from .run import collect, summary_lines, write_reports
+    from .step import limits, measure
 
     s = _settings(args)
     quants = list(args.quants)
@@ -141,39 +138,32 @@ def _compare(args) -> int:
         s["reference"] = args.reference
     if not quants:
         raise _error("compare: give the reference and at least one model to compare")
-    thresholds = validate({k: getattr(args, k) for k in THRESHOLD_NAMES}, "pytest-kld")
     if args.nonfinite < 0:
         raise _error(f"--nonfinite {args.nonfinite}: must be at least 0")
+    checks = limits(s, {k: getattr(args, k) for k in threshold_names() if getattr(args, k) is not None},
+                    nonfinite=args.nonfinite, where="pytest-kld")
     if args.name is not None and len(quants) != 1:
         raise _error(f"--name {args.name!r} names one model, but {len(quants)} are compared")
-    parse_tolerance(s["baseline_fail"], "--baseline-fail")
-    s["baselines"] = baselines_dir(s["baselines"], os.getcwd(), bool(s["update_baselines"]))
-    output_paths(s, prefix="--")  # before any work
-    slots = [args.name or display_name(str(m)) for m in quants]
-    if s["baselines"] and len(set(slots)) < len(slots):
-        same = next(x for x in slots if slots.count(x) > 1)
-        raise _error(f"two models share the baseline slot {same!r} (directories with the same last name); "
-                     "compare them in separate runs with --name")
+    if s.get("baselines"):
+        from .board import display_name
+
+        slots = [args.name or display_name(str(m)) for m in quants]
+        if len(set(slots)) < len(slots):
+            same = next(x for x in slots if slots.count(x) > 1)
+            raise _error(f"two models share the baseline slot {same!r} (directories with the same last name); "
+                         "compare them in separate runs with --name")
     cache = _open(s)
     rows, failed = [], 0
     for model in quants:
-        result = compare_model(cache, s, model, name=args.name, progress=Progress(f"comparing {model}"))
-        slot = args.name or display_name(str(model))
-        entry, gate_message = gate(s, "cli", slot, result, s["baseline_fail"])
-        message = "\n".join(m for m in (evaluate(result, thresholds, None, args.nonfinite), gate_message) if m)
-        if message:
-            print(f"pytest-kld: {message}", file=sys.stderr)
+        m = measure(cache, s, model, checks, test="cli", name=args.name, progress=Progress(f"comparing {model}"))
+        if m.message:
+            print(f"pytest-kld: {m.message}", file=sys.stderr)
             failed += 1
-        r = row(result, "failed" if message else "passed", {**thresholds, "nonfinite": args.nonfinite})
-        rows.append(dict(r, baseline=entry) if entry else r)
-    from .report import header_line, leaderboard_lines
-    from .run import unique_rows
-
-    rows = unique_rows(rows)
-    print(header_line(rows))
-    for line in leaderboard_lines(rows, by_category=bool(s.get("by_category"))):
+        rows.append(m.row)
+    board = collect(rows)
+    for line in summary_lines(s, board):
         print(line)
-    write_reports(s, rows)
+    write_reports(s, board)
     return 1 if failed else 0
 
 
@@ -240,8 +230,7 @@ def _push(args) -> int:
 def _merge(args) -> int:
     """Rows of several results files measured against the same reference cache (quants sharded
     over runners) into one leaderboard; results of another cache or settings are refused."""
-    from .report import header_line, leaderboard_lines
-    from .run import output_paths, unique_rows, write_reports
+    from .run import collect, output_paths, summary_lines, write_reports
 
     output_paths({"json": args.json, "markdown": args.markdown}, prefix="--")
     docs, rows = [], []
@@ -253,13 +242,12 @@ def _merge(args) -> int:
     if len(keys) > 1 or None in keys:
         raise _error(f"the results were measured against different reference caches ({len(keys)} keys: "
                      "other corpus, settings, reference or tokenizer); merge only runs of one cache")
-    rows = unique_rows(rows)
-    print(header_line(rows))
-    for line in leaderboard_lines(rows):
-        print(line)
     settings = dict(docs[0].get("settings") or {}, json=args.json, markdown=args.markdown, chart=None)
-    write_reports(settings, rows)
-    return 1 if any(r.get("outcome") == "failed" for r in rows) else 0
+    board = collect(rows)
+    for line in summary_lines(settings, board, by_category=args.by_category):
+        print(line)
+    write_reports(settings, board)
+    return 1 if any(r.get("outcome") == "failed" for r in board.rows) else 0
 
 
 def _card(args) -> int:

@@ -105,7 +105,7 @@ def compare(
                                            trust_remote_code=trust_remote_code, progress=progress)
         followed = None
     else:
-        parts, exec_used, followed = _run(cache, path, name, exec or settings["exec"], ct, trust_remote_code, progress)
+        parts, exec_used, followed = run_passes(cache, path, name, exec or settings["exec"], ct, trust_remote_code, progress)
 
     def cat(attr):
         return np.concatenate([getattr(p, attr) for p in parts]) if parts else np.zeros(0)
@@ -148,7 +148,7 @@ def _identify(cache: ReferenceCache, path, full_hash: bool | None) -> tuple[str,
     return fp, fp == cache.manifest["reference"]["fingerprint"]
 
 
-def _run(cache: ReferenceCache, path, name: str, exec_mode: str, chunk_tokens, trust_remote_code: bool, progress,
+def run_passes(cache: ReferenceCache, path, name: str, exec_mode: str, chunk_tokens, trust_remote_code: bool, progress,
          load=None, share=None):
     """The model's per-position figures against the cache (one model in memory) and its exec.
     ``load`` and ``share``: as in :func:`pytest_kld.refpass.reference_pass` (a sharded model)."""

@@ -43,6 +43,7 @@ import numpy as np
 
 from .errors import CorpusError
 from .fingerprint import sha256_file
+from .options import MODES, N_CHUNKS_LONG, N_CTX, default
 from .sources import (
     WIKITEXT_FILE,
     WIKITEXT_REPO,
@@ -64,11 +65,7 @@ __all__ = [
 # Bump when any rule that changes token ids or scored positions changes: it is part of the key.
 FORMAT_VERSION = 1
 
-MODES = ("short", "long", "file", "drift")
-DEFAULT_N_CTX = {"short": 512, "long": 2048, "file": 512, "drift": 512}
-DEFAULT_N_CHUNKS_LONG = 32
 DEFAULT_SCORE_OFFSET = 8
-DEFAULT_DRIFT_TOKENS = 64  # drift mode: tokens the reference generates per prompt (pytest_kld.drift)
 
 PROMPTS_FILE = "prompts.jsonl"
 _FILE_FORMATS = {".txt": "txt", ".raw": "txt", ".jsonl": "jsonl", ".parquet": "parquet"}
@@ -173,17 +170,17 @@ def corpus_spec(
     if dataset is not None and mode == "short":
         mode = "file"
     if mode == "drift":
-        drift_tokens = _positive_int("drift_tokens", DEFAULT_DRIFT_TOKENS if drift_tokens is None else drift_tokens)
+        drift_tokens = _positive_int("drift_tokens", default("drift_tokens") if drift_tokens is None else drift_tokens)
     if mode == "file" and dataset is None:
         raise CorpusError("corpus mode 'file' needs a dataset: pass --kld-dataset PATH")
     if not isinstance(chat_template, bool):
         raise CorpusError(f"chat_template must be true or false, got {chat_template!r}")
 
-    n_ctx = _positive_int("n_ctx", DEFAULT_N_CTX[mode] if n_ctx is None else n_ctx, 2)
+    n_ctx = _positive_int("n_ctx", N_CTX[mode] if n_ctx is None else n_ctx, 2)
     if n_chunks is not None:
         n_chunks = _positive_int("n_chunks", n_chunks)
     elif mode == "long":
-        n_chunks = DEFAULT_N_CHUNKS_LONG
+        n_chunks = N_CHUNKS_LONG
 
     path, fmt, kind, source = _locate_source(mode, dataset, cache_dir, local_files_only)
     score_offset = _score_offset(mode, kind, n_ctx, score_offset)

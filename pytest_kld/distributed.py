@@ -37,8 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import CacheError
+from .options import DIST_BACKENDS
 
-BACKENDS = ("ring", "jaccl", "jaccl-ring", "mpi")
 # The protocol with the rank program (pytest_kld.shardrank), through mlx.launch's relayed output
 # and a job directory on this machine that rank 0 reads and writes.
 PROGRESS = "pytest-kld-progress"  # stdout: "PROGRESS done total"
@@ -61,8 +61,8 @@ class Launch:
     backend: str = "ring"
 
     def __post_init__(self):
-        if self.backend not in BACKENDS:
-            raise CacheError(f"unknown distributed backend {self.backend!r}: choose one of {', '.join(BACKENDS)}")
+        if self.backend not in DIST_BACKENDS:
+            raise CacheError(f"unknown distributed backend {self.backend!r}: choose one of {', '.join(DIST_BACKENDS)}")
         if int(self.ranks) < 1:
             raise CacheError(f"--kld-ranks must be at least 1, got {self.ranks}")
 

@@ -28,8 +28,6 @@ import math
 
 import numpy as np
 
-from .corpus import DEFAULT_DRIFT_TOKENS as DEFAULT_TOKENS  # noqa: F401  (the one default)
-
 TIE_NATS = 1e-3  # reference top-2 log-probs closer than this: a differing greedy pick is a tie
 BUCKETS = ("early", "middle", "late")
 
@@ -38,16 +36,16 @@ def prompt_ids(spec, tokenizer) -> list[tuple[list[int], str, str]]:
     """(prompt ids, category, record id) of each record: the user turn(s) through the chat
     template with the generation prompt, else the plain prompt text."""
     from .corpus import load_records
-    from .tokens import _Encoder, _has_chat_template
+    from .tokens import Encoder, has_chat_template
 
-    enc = _Encoder(tokenizer)
+    enc = Encoder(tokenizer)
     records = load_records(spec.path, spec.source_format, spec.default_category)
     if spec.n_chunks is not None:
         records = records[: spec.n_chunks]
     out = []
     for rec in records:
         turns = [dict(m) for m in rec.context] or [{"role": "user", "content": rec.text}]
-        if spec.chat_template and _has_chat_template(tokenizer):
+        if spec.chat_template and has_chat_template(tokenizer):
             text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
         else:
             text = "".join(m["content"] + "\n\n" for m in turns if m["content"])
@@ -75,7 +73,7 @@ def greedy(model, prompt: list[int], max_tokens: int, eos: set[int] | None = Non
 def reference_corpus(model, tokenizer, spec, progress=None):
     """The drift corpus: each prompt with the reference's greedy continuation as one chunk, the
     continuation's positions scored (a :class:`~pytest_kld.tokens.TokenizedCorpus`)."""
-    from .tokens import TokenizedCorpus, _identity
+    from .tokens import TokenizedCorpus, corpus_identity
 
     eos = set(getattr(tokenizer, "eos_token_ids", None) or [])
     prompts = prompt_ids(spec, tokenizer)
@@ -88,7 +86,7 @@ def reference_corpus(model, tokenizer, spec, progress=None):
         names.append(name)
         if progress is not None:
             progress(i + 1, len(prompts))
-    return TokenizedCorpus(chunks, ranges, cats, _identity(spec, chunks, ranges), names)
+    return TokenizedCorpus(chunks, ranges, cats, corpus_identity(spec, chunks, ranges), names)
 
 
 def follow(model, cache, progress=None) -> dict:

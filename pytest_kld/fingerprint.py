@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ModelError
-from .models import _read_header_bytes, weight_files
+from .models import read_header_bytes, weight_files
 
 
 def sha256_json(obj) -> str:
@@ -66,7 +66,7 @@ def weights_fingerprint(path: Path, *, full: bool = False, memo: Path | None = N
     h.update(b"pytest-kld weights v3 content\n")
     for f in weight_files(path):
         size = f.stat().st_size  # follows hub-cache symlinks to the blob
-        _read_header_bytes(f)  # a file that is not safetensors: one line now, not at load
+        read_header_bytes(f)  # a file that is not safetensors: one line now, not at load
         h.update(f"{f.name}\0{size}\0{_file_sha256(f, full, remembered, learned)}\0".encode())
     config = path / "config.json"
     if config.is_file():

@@ -21,8 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .divergence import log_softmax
-
-EXEC_MODES = ("auto", "native", "float32")
+from .options import EXEC_MODES
 
 
 def resolve_exec(exec_mode: str) -> str:
@@ -141,7 +140,7 @@ def load_model(path: Path, exec_mode: str = "auto", *, trust_remote_code: bool =
     from .models import check_weight_files
 
     exec_used = resolve_exec(exec_mode)
-    _check_config(Path(path), trust_remote_code)
+    check_config(Path(path), trust_remote_code)
     check_weight_files(Path(path))
     try:
         model, tokenizer = load(
@@ -151,7 +150,7 @@ def load_model(path: Path, exec_mode: str = "auto", *, trust_remote_code: bool =
             lazy=True,  # read when evaluated below: widened to float32 tensor by tensor, not all twice
         )
     except ValueError as e:
-        msg = _one_line(e)
+        msg = one_line(e)
         if "not supported" in msg or "Model type" in msg:
             raise ModelError(
                 f"{path}: unsupported model architecture ({msg}); "
@@ -161,7 +160,7 @@ def load_model(path: Path, exec_mode: str = "auto", *, trust_remote_code: bool =
     except FileNotFoundError as e:
         raise ModelError(f"{path}: not a loadable MLX model ({e})") from None
     except (KeyError, TypeError, AttributeError, OSError) as e:  # a config.json mlx-lm cannot use
-        msg = _one_line(e)
+        msg = one_line(e)
         raise ModelError(
             f"{path}: mlx-lm could not build this model from its files ({type(e).__name__}: {msg}); "
             "check config.json, the weights and the tokenizer files"
@@ -172,19 +171,19 @@ def load_model(path: Path, exec_mode: str = "auto", *, trust_remote_code: bool =
     try:
         mx.eval(model.parameters())
     except (RuntimeError, ValueError, OSError) as e:  # the weights are read here (lazy load)
-        raise ModelError(f"{path}: loading the model's weights failed ({_one_line(e)}); check its weight files "
+        raise ModelError(f"{path}: loading the model's weights failed ({one_line(e)}); check its weight files "
                          "(re-download or re-convert it) and the free memory") from None
     mx.clear_cache()  # buffers of the loading steps, not kept beside the model
     return LoadedModel(model, tokenizer, Path(path), exec_used)
 
 
-def _one_line(e: BaseException, limit: int = 300) -> str:
+def one_line(e: BaseException, limit: int = 300) -> str:
     """An exception's whole message on one line (several libraries spread theirs over lines)."""
     text = " ".join(str(e).split()) or type(e).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _check_config(path: Path, trust_remote_code: bool) -> None:
+def check_config(path: Path, trust_remote_code: bool) -> None:
     """One-line errors for a config.json that cannot describe a model, and for custom model code
     that was not asked for (before mlx-lm reads anything)."""
     import json
@@ -231,7 +230,7 @@ def scored_logits(model) -> Callable:
     """
     split = getattr(model, "_pytest_kld_split", None)
     if split is None:
-        split = _output_split(model) or False
+        split = output_split(model) or False
         model._pytest_kld_split = split
     if not split:
         return lambda ids, cache, lo, hi: model(ids, cache=cache).squeeze(0)[lo:hi]
@@ -240,7 +239,7 @@ def scored_logits(model) -> Callable:
     return lambda ids, cache, lo, hi: head(body(ids, cache=cache)[:, lo:hi]).squeeze(0)
 
 
-def _output_split(model):
+def output_split(model):
     """(body, head) with head(body(ids)) == model(ids) exactly on a probe, else None."""
     import mlx.core as mx
     from mlx_lm.models.cache import make_prompt_cache

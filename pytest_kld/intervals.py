@@ -113,7 +113,7 @@ def paired(now: np.ndarray, base: np.ndarray, cluster: np.ndarray, *, quantiles:
     ``{"mean": {"diff", "se", "low", "high"}, name: {"diff", "low", "high"} for name, q in
     quantiles}``, each with a 95% cluster-bootstrap interval (one set of resample weights for
     all). Positions where either is non-finite are left out of both."""
-    from .stats import PERCENTILES
+    from .options import percentiles
 
     now, base = np.asarray(now, dtype=np.float64), np.asarray(base, dtype=np.float64)
     if now.shape != base.shape or now.shape != np.asarray(cluster).shape:
@@ -121,7 +121,7 @@ def paired(now: np.ndarray, base: np.ndarray, cluster: np.ndarray, *, quantiles:
     ok = np.isfinite(now) & np.isfinite(base)
     now, base = now[ok], base[ok]
     ids, g = _dense_clusters(np.asarray(cluster)[ok])
-    quantiles = {k: PERCENTILES[k] / 100 for k in ("p99",)} if quantiles is None else quantiles
+    quantiles = {k: percentiles()[k] / 100 for k in ("p99",)} if quantiles is None else quantiles
     nan = {"diff": math.nan, "low": math.nan, "high": math.nan}
     if g < 2:
         return {"mean": {**nan, "se": math.nan}, **{k: dict(nan) for k in quantiles}, "clusters": g}

@@ -1,11 +1,5 @@
-"""The leaderboard as a GitHub Markdown summary. Plain dicts in, text and a file out.
-
-A row is a plain dict::
-
-    {"model": str, "info": ModelInfo.to_dict(), "is_reference": bool, "passed": bool | None,
-     "summary": {"mean", "median", "p95", "p99", "max", "top1", "count", ...}}
-
-Missing keys print as "-".
+"""The leaderboard as a GitHub Markdown summary: a :class:`pytest_kld.board.Board` (or result
+rows, built into one) in, text and a file out. Missing figures print as "-".
 """
 
 from __future__ import annotations
@@ -14,50 +8,17 @@ import math
 import os
 from pathlib import Path
 
+from .board import DIRECTION, Board, build, nonfinite
 from .errors import KldError
-from .report import (
-    DIRECTION,
-    NONFINITE_NOTE,
-    best_value,
-    elevated_parts,
-    family_text,
-    nonfinite,
-    nonfinite_text,
-    ordered_rows,
-    overrides_text,
-    params_text,
-    row_mean,
-    row_passed,
-    row_summary,
-)
+from .report import NONFINITE_NOTE, elevated_parts, family_text, nonfinite_text, overrides_text, params_text
 
 _MD_SPECIAL = "\\`*_[]<>|#"
-
-
 
 
 def _esc(text) -> str:
     """A Markdown table cell: special characters escaped, newlines folded."""
     s = " ".join(str(text).split())
     return "".join("\\" + c if c in _MD_SPECIAL else c for c in s) or " "
-
-
-LEADERBOARD_HEADINGS = (
-    "#",
-    "model",
-    "quant",
-    "bits/w",
-    "size MB",
-    f"mean {_esc(DIRECTION)}",
-    "mean/bit",
-    "median",
-    "P95",
-    "P99",
-    "max",
-    "top-1",
-    "positions",
-    "result",
-)
 
 
 def _num(v, fmt: str = "{:.4g}") -> str:
@@ -80,25 +41,17 @@ def _pct(v) -> str:
     return _num(v, "{:.2%}") if v is not None else "-"
 
 
-def _mb(v) -> str:
-    return _num(v / 1e6, "{:.1f}") if isinstance(v, (int, float)) else "-"
-
-
 def _finite(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _result(row: dict) -> str:
-    if row.get("is_reference"):
+    status = row["status"]
+    if status == "reference":
         return "reference"
-    passed = row_passed(row)
-    if nonfinite(row) and passed is not True:
-        return "❌ fail: non-finite" if passed is False else "❌ non-finite"
-    if passed is True:
-        return "✅ pass"
-    if passed is False:
-        return "❌ fail"
-    return "-"
+    if nonfinite(row) and status != "passed":
+        return "❌ fail: non-finite" if status == "failed" else "❌ non-finite"
+    return {"passed": "✅ pass", "failed": "❌ fail"}.get(status, "-")
 
 
 def _table(headings: list[str], body: list[list[str]], right: set[int]) -> list[str]:
@@ -115,39 +68,10 @@ def _elevated_text(elevated: dict | None) -> str:
     return ", ".join(elevated_parts(elevated)) or "none"
 
 
-# Leaderboard columns that mark their best value (the reference excluded): key, better.
-_MARKED = {
-    "bpw": "low",
-    "size": "low",
-    "mean": "low",
-    "mean_per_bit": "low",
-    "median": "low",
-    "p95": "low",
-    "p99": "low",
-    "max": "low",
-    "top1": "high",
-}
-
-
-def _flat(row: dict) -> dict:
-    """The figures of a row that the Markdown leaderboard marks, under one name each."""
-    info, s = row.get("info") or {}, row_summary(row)
-    bpw, mean = info.get("bits_per_weight"), row_mean(row)
-    out = {k: s.get(k) for k in ("median", "p95", "p99", "max", "top1")}
-    out.update(
-        bpw=bpw,
-        size=info.get("weight_bytes"),
-        mean=mean,
-        mean_per_bit=mean / bpw if mean is not None and isinstance(bpw, (int, float)) and bpw > 0 else None,
-        is_reference=row.get("is_reference"),
-        nonfinite=nonfinite(row),
-    )
-    return {k: (None if isinstance(v, bool) and k != "is_reference" else v) for k, v in out.items()}
-
-
-def markdown(rows, header: dict | None = None) -> str:
-    """The Markdown text :func:`write_markdown` writes."""
-    rows = ordered_rows(rows)
+def markdown(board: Board | list, header: dict | None = None) -> str:
+    """The Markdown text :func:`write_markdown` writes: the board's leaderboard, neighbour pairs,
+    drift, categories (two or more), quantisation table and further sections."""
+    board = build(board)
     out = [f"## pytest-kld: {DIRECTION}", ""]
     for key, value in (header or {}).items():
         if value is None or value == "":
@@ -155,74 +79,53 @@ def markdown(rows, header: dict | None = None) -> str:
         out.append(f"- **{_esc(key)}**: {_esc(value)}")
     if header:
         out.append("")
-
-    out += _leaderboard(rows)
+    out += _leaderboard(board)
     from .drift import markdown_lines as drift_lines
 
-    out += drift_lines(rows)
-    out += _category_table(rows)
-    out += _quant_table(rows)
+    out += drift_lines([dict(r, model=r["label"]) for r in board.drift])
+    out += _category_table(board)
+    out += _quant_table(board)
+    for section in board.sections:
+        out += section.markdown
     return "\n".join(out) + "\n"
 
 
-def _leaderboard(rows) -> list[str]:
-    """The main table: one row per model, the best of each column in bold, then its legend."""
-    out: list[str] = []
-    headings = list(LEADERBOARD_HEADINGS)
-    broken = any(nonfinite(r) for r in rows)
-    if broken:
-        headings.insert(-1, "non-finite")
-    with_baseline = any(r.get("baseline") for r in rows)
-    if with_baseline:
-        headings.insert(-1, "vs baseline")
+def _cell(board: Board, i: int, c) -> str:
+    """One figure's cell: 4 significant digits (bits/w 3 decimals, size 1, shares in %), bold
+    when best."""
+    v = board.rows[i].get(c.key)
+    text = _pct(v) if c.fmt.endswith("%}") else _num(v, {"bpw": "{:.3f}", "size_mb": "{:.1f}"}.get(c.key, "{:.4g}"))
+    return f"**{text}**" if c.better and board.marked(i, c.key) and text not in ("-", "nan") else text
+
+
+def _mean_cell(board: Board, i: int, c) -> str:
+    """The mean with its standard error (clustered by chunk if known) and 95% interval."""
+    r, text = board.rows[i], _cell(board, i, c)
+    se = r.get("se_cluster") if _finite(r.get("se_cluster")) else r.get("se")
+    if _finite(se) and _finite(r.get("mean")):
+        text += f" ± {_num(se, '{:.2g}')}"
+    lo, hi = r.get("ci95_low"), r.get("ci95_high")
+    if isinstance(lo, float) and isinstance(hi, float) and math.isfinite(lo) and math.isfinite(hi):
+        text += f" (95% CI {_num(lo)}–{_num(hi)})"
+    return text
+
+
+def _leaderboard(board: Board) -> list[str]:
+    """The main table: one row per model in the board's order, the best of each column in bold."""
+    headings = ["#", "model", "quant"] + [f"mean {_esc(DIRECTION)}" if c.key == "mean" else _esc(c.heading)
+                                          for c in board.columns] + ["positions"]
+    headings += (["non-finite"] if board.broken else []) + (["vs baseline"] if board.with_baseline else [])
     body = []
-    flat = [_flat(r) for r in rows]
-    best = {k: best_value(flat, k, better) for k, better in _MARKED.items()}
-
-    def cell(text: str, f: dict, key: str) -> str:
-        v = f.get(key)
-        clean = not f.get("is_reference") and not nonfinite(f)
-        if best[key] is not None and v == best[key] and clean and text not in ("-", "nan"):
-            return f"**{text}**"
-        return text
-
-    for n, (row, f) in enumerate(zip(rows, flat), 1):
-        info = row.get("info") or {}
-        s = row_summary(row)
-        count = s.get("count")
-        mean = cell(_num(s.get("mean")), f, "mean")
-        se = s.get("se_cluster") if _finite(s.get("se_cluster")) else s.get("se")  # clustered by chunk if known
-        if _finite(se) and row_mean(row) is not None:
-            mean += f" ± {_num(se, '{:.2g}')}"
-        lo, hi = s.get("ci95_low"), s.get("ci95_high")
-        if isinstance(lo, float) and isinstance(hi, float) and math.isfinite(lo) and math.isfinite(hi):
-            mean += f" (95% CI {_num(lo)}–{_num(hi)})"
-        body.append(
-            [
-                str(n),
-                _esc(row.get("model", "?")),
-                _esc(info.get("label") or "-"),
-                cell(_num(info.get("bits_per_weight"), "{:.3f}"), f, "bpw"),
-                cell(_mb(info.get("weight_bytes")), f, "size"),
-                mean,
-                cell(_num(f.get("mean_per_bit")), f, "mean_per_bit"),
-                cell(_num(s.get("median")), f, "median"),
-                cell(_num(s.get("p95")), f, "p95"),
-                cell(_num(s.get("p99")), f, "p99"),
-                cell(_num(s.get("max")), f, "max"),
-                cell(_pct(s.get("top1")), f, "top1"),
-                str(int(count)) if isinstance(count, (int, float)) else "-",
-                *([nonfinite_text(row)] if broken else []),
-                *([_esc((row.get("baseline") or {}).get("verdict") or "-")] if with_baseline else []),
-                _result(row),
-            ]
-        )
-    out += _table(headings, body, right=set(range(len(headings) - 1)) - {1, 2})
-    out.append("")
-    out.append(_legend(broken, with_baseline))
-    out.append("")
-    out += _neighbours(rows)
-    return out
+    for i, row in enumerate(board.rows):
+        count = row.get("count")
+        cells = [str(i + 1), _esc(row["label"]), _esc((row.get("info") or {}).get("label") or "-")]
+        cells += [(_mean_cell if c.key == "mean" else _cell)(board, i, c) for c in board.columns]
+        cells.append(str(int(count)) if isinstance(count, (int, float)) else "-")
+        cells += [nonfinite_text(row)] if board.broken else []
+        cells += [_esc((row.get("baseline") or {}).get("verdict") or "-")] if board.with_baseline else []
+        body.append(cells + [_result(row)])
+    out = _table(headings + ["result"], body, right=set(range(len(headings))) - {1, 2})
+    return [*out, "", _legend(board.broken, board.with_baseline), "", *_neighbours(board)]
 
 
 def _legend(broken: bool, with_baseline: bool) -> str:
@@ -238,22 +141,19 @@ def _legend(broken: bool, with_baseline: bool) -> str:
     )
 
 
-def _neighbours(rows) -> list[str]:
+def _neighbours(board: Board) -> list[str]:
     """The paired difference of each row's mean from the row above, when both were measured on
     the same positions: told apart, or not."""
-    from .regression import neighbours
-
-    pairs = neighbours(rows)
-    if not pairs:
+    if not board.pairs:
         return []
     out = ["| model | row above | paired Δ mean | 95% CI | |", "|:---|:---|---:|---:|:---|"]
-    for i, d in pairs.items():
-        out.append(f"| {_esc(rows[i].get('model', '?'))} | {_esc(d['above'] or '?')} | {d['diff']:+.5f} | "
+    for i, d in board.pairs.items():
+        out.append(f"| {_esc(board.rows[i]['label'])} | {_esc(d['above'] or '?')} | {d['diff']:+.5f} | "
                    f"{d['low']:+.5f} – {d['high']:+.5f} | {'told apart' if d['apart'] else '≈ cannot be told apart'} |")
     return [*out, ""]
 
 
-def _quant_table(rows) -> list[str]:
+def _quant_table(board: Board) -> list[str]:
     """What each model is: family, mode, base bits and group, overrides, elevated tensors."""
     out: list[str] = []
     out.append("### Quantisation (read from config.json and the safetensors headers)")
@@ -269,19 +169,16 @@ def _quant_table(rows) -> list[str]:
         "tensors elevated above base",
     ]
     body = []
-    for row in rows:
-        info = row.get("info") or {}
+    for name, info in board.quant:
         if info.get("error"):
-            body.append(
-                [_esc(row.get("model", "?")), _esc(f"unreadable: {info['error']}")] + ["-"] * 6
-            )
+            body.append([_esc(name), _esc(f"unreadable: {info['error']}")] + ["-"] * 6)
             continue
         fam = family_text(info) if info else "-"
         ov_text = overrides_text(info)
         quantized = info.get("quantized")
         body.append(
             [
-                _esc(row.get("model", "?")),
+                _esc(name),
                 _esc(fam),
                 _esc((info.get("mode") if quantized else info.get("dtype")) or info.get("mode") or "-"),
                 _esc(info.get("base_bits") if info.get("base_bits") is not None else "-"),
@@ -296,21 +193,20 @@ def _quant_table(rows) -> list[str]:
     return out
 
 
-def _category_table(rows) -> list[str]:
+def _category_table(board: Board) -> list[str]:
     """Mean KLD per corpus category (the terminal's --kld-by-category table), when the corpus
     has more than one category."""
-    from .report import category_means
-
-    cats, means = category_means(rows)
+    cats = board.categories
     if len(cats) < 2:
         return []
-    body = [[_esc(r.get("model", "?"))] + [(f"**{_num(v)}**" if b else _num(v)) for v, b in cells] for r, cells in means]
+    body = [[_esc(r["label"])] + [(f"**{_num(v)}**" if b else _num(v)) for v, b in cells]
+            for r, cells in board.category_rows]
     out = [f"### Mean {_esc(DIRECTION)} by corpus category (bold: lowest, the reference excluded)", ""]
     out += _table(["model", *map(_esc, cats)], body, right=set(range(1, len(cats) + 1)))
     return out + [""]
 
 
-def write_markdown(rows, path, header: dict | None = None, *, append: bool = False) -> Path:
+def write_markdown(board: Board | list, path, header: dict | None = None, *, append: bool = False) -> Path:
     """Write the leaderboard and the per-model quantisation table as GitHub Markdown.
 
     ``append=True`` adds to the file, as ``$GITHUB_STEP_SUMMARY`` expects from each step.
@@ -318,7 +214,7 @@ def write_markdown(rows, path, header: dict | None = None, *, append: bool = Fal
     from .files import write_text
 
     path = Path(os.fspath(path))
-    text = markdown(rows, header)
+    text = markdown(board, header)
     try:
         if path.parent and not path.parent.exists():
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,7 @@ def weight_files(path: Path) -> list[Path]:
     return files
 
 
-def _read_header_bytes(file: Path) -> bytes:
+def read_header_bytes(file: Path) -> bytes:
     size = file.stat().st_size
     with open(file, "rb") as f:
         head = f.read(8)
@@ -51,7 +51,7 @@ def read_safetensors_header(file: Path) -> dict:
     ``__metadata__`` entry, if present, is kept.
     """
     file = Path(file)
-    data = _read_header_bytes(file)
+    data = read_header_bytes(file)
     try:
         header = json.loads(data)
     except ValueError:
@@ -75,7 +75,7 @@ def check_weight_files(path: Path) -> None:
         ) from None
     for f in weight_files(Path(path)):
         header = read_safetensors_header(f)
-        need = 8 + len(_read_header_bytes(f)) + max(
+        need = 8 + len(read_header_bytes(f)) + max(
             (int(t["data_offsets"][1]) for t in header.values() if isinstance(t, dict) and "data_offsets" in t),
             default=0,
         )

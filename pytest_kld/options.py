@@ -42,6 +42,15 @@ class Option:
         return "none" if self.default is None else str(self.default)
 
 
+# Choice lists and per-mode defaults: the one home of each, read by the modules that use them.
+MODES = ("short", "long", "file", "drift")  # corpus modes (corpus.py, the results schema)
+N_CTX = {"short": 512, "long": 2048, "file": 512, "drift": 512}  # tokens per chunk by mode
+N_CHUNKS_LONG = 32  # long mode reads at most this many WikiText-2 chunks by default
+EXEC_MODES = ("auto", "native", "float32")  # forward.py
+VOCAB_BACKENDS = ("auto", "numpy", "mlx")  # vocab.py
+DIST_BACKENDS = ("ring", "jaccl", "jaccl-ring", "mpi")  # distributed.py: mlx.launch backends
+
+
 OPTIONS: tuple[Option, ...] = (
     Option("reference", str, None, "reference model: a local MLX model directory or a hub id", marker=True,
            default_text="none; KLD tests error without one"),
@@ -52,23 +61,23 @@ OPTIONS: tuple[Option, ...] = (
            marker=True),
     Option("mode", str, "short", "corpus: short (bundled prompts), long (WikiText-2), file (--kld-dataset) or "
            "drift (the quant's own greedy continuations against the reference's)",
-           choices=("short", "long", "file", "drift"), marker=True),
+           choices=MODES, marker=True),
     Option("dataset", str, None, "a .txt, .jsonl or .parquet corpus file (sets mode to file)", marker=True),
     Option("drift-tokens", int, 64, "drift mode: tokens the reference generates greedily per prompt (1..4096)",
            minimum=1, maximum=4096, marker=True),
     Option("top-k", int, 256, "log-probs kept per scored position in the reference cache (1..1048576; beyond the "
            "vocabulary: all of it)", minimum=1, maximum=1 << 20, marker=True),
     Option("n-ctx", int, None, "tokens per chunk (2..1048576)", minimum=2, maximum=1 << 20, marker=True,
-           default_text="by mode: short 512, long 2048, file 512"),
+           default_text="by mode: " + ", ".join(f"{m} {n}" for m, n in N_CTX.items() if m != "drift")),
     Option("n-chunks", int, None, "first N records (short, file) or at most N chunks (long) (1..1048576)", minimum=1,
-           maximum=1 << 20, marker=True, default_text="all; long 32"),
+           maximum=1 << 20, marker=True, default_text=f"all; long {N_CHUNKS_LONG}"),
     Option("chunk-tokens", int, 512, "tokens per forward pass within a chunk (0: the whole chunk; at most 1048576)",
            minimum=0, maximum=1 << 20, marker=True),
     Option("exec", str, "auto", "execution precision: auto, native or float32 (dequantised; fast on a CPU)",
-           choices=("auto", "native", "float32"), marker=True),
+           choices=EXEC_MODES, marker=True),
     Option("vocab-backend", str, "auto", "where a reference build does the vocabulary-wide work (log-softmax, "
            "top-K, tail): numpy, mlx (on the GPU where there is one), or auto (numpy on a CPU; with a GPU both "
-           "timed on the first piece, MLX kept when 1.5x faster); recorded in the cache, whose comparisons use the same", choices=("auto", "numpy", "mlx")),
+           "timed on the first piece, MLX kept when 1.5x faster); recorded in the cache, whose comparisons use the same", choices=VOCAB_BACKENDS),
     Option("cache-dir", str, None, "reference cache directory", default_text="$PYTEST_KLD_CACHE_DIR or the user cache"),
     Option("json", str, None, "write settings, versions and every result to this JSON file"),
     Option("markdown", str, None, "write the leaderboard as Markdown, e.g. $GITHUB_STEP_SUMMARY (appended to)"),
@@ -97,35 +106,78 @@ OPTIONS: tuple[Option, ...] = (
     Option("ranks", int, 1, "processes per host of a distributed reference build (2 and no hosts: two ranks "
            "on this machine; 1..256)", minimum=1, maximum=256),
     Option("backend", str, None, "mlx.launch backend of a distributed reference build",
-           choices=("ring", "jaccl", "jaccl-ring", "mpi"), default_text="the hostfile's, else ring"),
+           choices=DIST_BACKENDS, default_text="the hostfile's, else ring"),
     Option("shard-quants", bool, False, "run each compared model sharded over the same ranks too (a quant too "
            "large for one machine); by default quants run in this process"),
 )
 BY_DEST = {o.dest: o for o in OPTIONS}
+
+
+def default(dest: str):
+    """The default of setting ``dest`` (``"top_k"``): what every module that needs one reads."""
+    return BY_DEST[dest].default
 MARKER_KEYS = frozenset(o.dest for o in OPTIONS if o.marker)
 
 
 @dataclass(frozen=True)
-class Threshold:
+class Figure:
+    """One statistic of per-position KL(reference || quant) (or of a drift run): how it is computed,
+    checked, shown and gated. A new figure is one more row of :data:`FIGURES`; everything else reads
+    the table when it runs (stats, thresholds, ``assert_kld``, baselines, the leaderboard, the JSON)."""
+
     name: str
-    bound: str  # "upper": the figure must be at most the value; "lower": at least; "count"
     help: str
+    bound: str | None = "upper"  # a threshold: "upper" (at most), "lower" (at least); None: none
+    percentile: float | None = None  # computed as this percentile of the finite positions (stats.py)
+    fmt: str = "{:.4f}"  # how the terminal writes it
+    heading: str | None = None  # its leaderboard column; None: not a column
+    baseline: bool = False  # may be named in a baseline tolerance (paired, bootstrapped over chunks)
+
+    @property
+    def better(self) -> str:
+        """"low" or "high": which end of the column the leaderboard marks best."""
+        return "high" if self.bound == "lower" else "low"
 
 
-THRESHOLDS: tuple[Threshold, ...] = (
-    Threshold("mean", "upper", "mean KLD"),
-    Threshold("median", "upper", "median KLD"),
-    Threshold("p90", "upper", "90th percentile of KLD"),
-    Threshold("p95", "upper", "95th percentile of KLD"),
-    Threshold("p99", "upper", "99th percentile of KLD"),
-    Threshold("p99_9", "upper", "99.9th percentile of KLD"),
-    Threshold("max", "upper", "largest KLD at any position"),
-    Threshold("top1", "lower", "share of positions where both models' most likely token agree (0..1)"),
-    Threshold("drift_match", "lower", "drift mode: mean number of generated tokens before the quant's own greedy "
-              "continuation leaves the reference's (ties forgiven)"),
-    Threshold("drift_kld", "upper", "drift mode: mean KLD along the reference's continuation"),
+FIGURES: tuple[Figure, ...] = (
+    Figure("mean", "mean KLD", fmt="{:.5f}", heading="mean", baseline=True),
+    Figure("median", "median KLD", percentile=50.0, fmt="{:.5f}", heading="median", baseline=True),
+    Figure("p90", "90th percentile of KLD", percentile=90.0, baseline=True),
+    Figure("p95", "95th percentile of KLD", percentile=95.0, heading="P95", baseline=True),
+    Figure("p99", "99th percentile of KLD", percentile=99.0, heading="P99", baseline=True),
+    Figure("p99_9", "99.9th percentile of KLD", percentile=99.9, baseline=True),
+    Figure("max", "largest KLD at any position", heading="max"),
+    Figure("top1", "share of positions where both models' most likely token agree (0..1)", bound="lower",
+           fmt="{:.2%}", heading="top-1"),
+    Figure("drift_match", "drift mode: mean number of generated tokens before the quant's own greedy "
+           "continuation leaves the reference's (ties forgiven)", bound="lower", fmt="{:.1f}"),
+    Figure("drift_kld", "drift mode: mean KLD along the reference's continuation"),
 )
-THRESHOLD_NAMES = tuple(t.name for t in THRESHOLDS)
+
+
+def figure(name: str) -> Figure | None:
+    return next((f for f in FIGURES if f.name == name), None)
+
+
+def thresholds() -> tuple[Figure, ...]:
+    """The figures a threshold may name (``assert_kld(p99=...)``, ``--p99``), read from the table now."""
+    return tuple(f for f in FIGURES if f.bound)
+
+
+def threshold_names() -> tuple[str, ...]:
+    return tuple(f.name for f in thresholds())
+
+
+def percentiles() -> dict[str, float]:
+    """``{name: percentile in percent}`` of the percentile figures (median included)."""
+    return {f.name: f.percentile for f in FIGURES if f.percentile is not None}
+
+
+def baseline_figures() -> tuple[str, ...]:
+    """The figures a baseline tolerance may name: mean and the percentiles marked baseline-eligible."""
+    return tuple(f.name for f in FIGURES if f.baseline)
+
+
 NONFINITE_HELP = "positions with NaN or inf log-probs a model may have before it fails"
 
 
@@ -188,7 +240,7 @@ def add_to_argparse(ap) -> None:
         else:
             ap.add_argument(f"--{o.name}", dest=o.dest, type=o.kind, default=o.default, metavar=o.metavar,
                             choices=o.choices or None, help=text)
-    for t in THRESHOLDS:
+    for t in thresholds():
         flag = t.name.replace("_", ".") if t.name.startswith("p") else t.name.replace("_", "-")  # --p99.9
         ap.add_argument(f"--{flag}", dest=t.name, type=float, default=None, metavar="X",
                         help=f"fail (exit 1) when {t.help} is {'above' if t.bound == 'upper' else 'below'} X")

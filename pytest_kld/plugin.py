@@ -67,22 +67,14 @@ def pytest_configure(config):
         "markers",
         f"kld({', '.join(f'{o.dest}=None' for o in OPTIONS if o.marker)}): per-test pytest-kld settings",
     )
-    settings = {o.dest: _setting(config, o) for o in OPTIONS}
-    for o in OPTIONS:
-        why = check(o.dest, settings[o.dest], f"--kld-{o.name}")
-        if why:
-            raise pytest.UsageError(why)
-    from .regression import parse_tolerance
-    from .run import baselines_dir, output_paths
+    from .step import prepare
 
-    try:
-        output_paths(settings)
-        parse_tolerance(settings["baseline_fail"])
-    except KldError as e:
-        raise pytest.UsageError(str(e)) from None
     given = config.getoption("kld_baselines", default=None)
     root = config.invocation_params.dir if given else (config.inipath.parent if config.inipath else config.rootpath)
-    settings["baselines"] = baselines_dir(settings["baselines"], root, bool(settings["update_baselines"]))
+    try:
+        settings = prepare({o.dest: _setting(config, o) for o in OPTIONS}, prefix="--kld-", root=root)
+    except KldError as e:
+        raise pytest.UsageError(str(e)) from None
     workerinput = getattr(config, "workerinput", None)
     start = float(workerinput["kld_session_start"]) if workerinput and "kld_session_start" in workerinput else time.time()
     session = KldSession(config, settings, start)

@@ -29,6 +29,7 @@ import numpy as np
 
 from .errors import CacheError, KldError
 from .fingerprint import sha256_file, sha256_json, tokens_sha256
+from .options import default
 
 FORMAT_VERSION = 2  # 2: log-softmax and top-K in numpy (float32), not MLX
 ARRAYS = "arrays.safetensors"
@@ -62,9 +63,9 @@ MANIFEST_FIELDS = {
 class Settings:
     """What the reference pass is run with (each part of the cache key)."""
 
-    top_k: int = 256
-    chunk_tokens: int | None = 512  # forward-pass piece size; None or 0: the whole chunk at once
-    exec: str = "auto"  # auto | native | float32; resolved before it enters the key
+    top_k: int = default("top_k")
+    chunk_tokens: int | None = default("chunk_tokens")  # forward-pass piece size; None or 0: the whole chunk
+    exec: str = default("exec")  # options.EXEC_MODES; resolved before it enters the key
 
     def __post_init__(self):
         if not isinstance(self.top_k, int) or self.top_k < 1:

@@ -12,7 +12,8 @@ percentile named in the tolerance, with a 95% interval from a bootstrap over chu
 With fewer than two chunks there is no interval: the tolerance alone decides. The tolerance is
 written like pytest-benchmark's ``--benchmark-compare-fail``: ``mean:5%,p99:10%`` — relative to
 the baseline's figure with ``%``, in nats without (``mean:0.002``). Figures: mean and the
-percentiles median, p90, p95, p99, p99_9.
+percentiles median, p90, p95, p99, p99_9: those of the figures table marked baseline-eligible
+(:func:`pytest_kld.options.baseline_figures`). The default tolerance is ``--kld-baseline-fail``'s.
 """
 
 from __future__ import annotations
@@ -20,10 +21,8 @@ from __future__ import annotations
 import math
 
 from .errors import ThresholdError
+from .options import baseline_figures, percentiles
 
-DEFAULT_TOLERANCE = "mean:5%,p99:10%"
-QUANTILES = {"median": 0.5, "p90": 0.90, "p95": 0.95, "p99": 0.99, "p99_9": 0.999}
-FIGURES = ("mean", *QUANTILES)
 ORDER = ("worse", "worse within tolerance", "same", "better")  # the row's verdict: the first one present
 
 
@@ -41,10 +40,10 @@ def parse_tolerance(spec, where: str = "--kld-baseline-fail") -> dict[str, tuple
             items.append((name.strip(), value.strip()))
     else:
         raise ThresholdError(f"{where}={spec!r}: a string like 'mean:5%,p99:10%' or a dict like {{'mean': '5%'}}")
-    out = {}
+    out, known = {}, baseline_figures()
     for name, value in items:
-        if name not in FIGURES:
-            raise ThresholdError(f"{where}: unknown figure {name!r}; known: {', '.join(FIGURES)}")
+        if name not in known:
+            raise ThresholdError(f"{where}: unknown figure {name!r}; known: {', '.join(known)}")
         rel = isinstance(value, str) and value.endswith("%")
         try:
             number = float(value[:-1] if rel else value)
@@ -76,7 +75,7 @@ def judge(kl, cluster, summary: dict, baseline, tolerance: dict) -> dict:
     if now.shape != base.shape or not np.array_equal(np.asarray(cluster), baseline.cluster):
         raise ThresholdError(f"baseline {baseline.path}: {base.size} positions in other chunks than now's "
                              f"{now.size}; it was recorded on another corpus")
-    quantiles = {k: QUANTILES[k] for k in tolerance if k in QUANTILES}
+    quantiles = {k: q / 100 for k, q in percentiles().items() if k in tolerance}
     p = paired(now, base, cluster, quantiles=quantiles)
     figures = {}
     for name, (kind, value) in tolerance.items():
@@ -160,47 +159,3 @@ def gate(settings: dict, nodeid: str, slot: str, result, spec) -> tuple[dict | N
             f"{UPDATE_HINT[0].upper()}{UPDATE_HINT[1:]} against this one")
     verdict = judge(result.kl, result.chunk, result.summary, base, parse_tolerance(spec))
     return verdict, (message(result.model, verdict) if verdict["verdict"] == "worse" else None)
-
-
-def neighbours(rows: list[dict]) -> dict[int, dict]:
-    """For rows in leaderboard order: ``{i: paired difference of row i's mean KLD minus row
-    i−1's}`` (``{"diff", "se", "low", "high", "apart", "above"}``), for each row whose neighbour
-    above was measured on the same cache and positions (per-chunk sums in ``row["chunks"]``); the
-    reference and broken rows are skipped."""
-    from .intervals import paired_sums
-
-    out = {}
-    for i in range(1, len(rows)):
-        a, b = rows[i], rows[i - 1]
-        if any(r.get("is_reference") or r.get("nonfinite") or not r.get("chunks") for r in (a, b)):
-            continue
-        if (a.get("cache") or {}).get("key") != (b.get("cache") or {}).get("key"):
-            continue
-        d = paired_sums(a["chunks"]["sum"], a["chunks"]["count"], b["chunks"]["sum"], b["chunks"]["count"])
-        if math.isfinite(d["low"]):
-            out[i] = {**d, "apart": not (d["low"] <= 0 <= d["high"]), "above": b.get("model")}
-    return out
-
-
-def neighbour_text(d: dict, mean_above) -> str:
-    """The leaderboard cell: the paired difference relative to the row above, ≈ when the two
-    cannot be told apart."""
-    rel = d["diff"] / mean_above if isinstance(mean_above, (int, float)) and mean_above > 0 else None
-    if rel is None:
-        text = f"{d['diff']:+.3g}"
-    else:  # a ratio reads better than a percentage in the thousands
-        text = f"×{1 + rel:.1f}" if rel >= 9.995 else f"{rel:+.1%}"
-    return text if d["apart"] else f"≈{text}"
-
-
-def neighbour_lines(rows: list[dict], pairs: dict[int, dict]) -> list[str]:
-    """One line per neighbouring pair: the paired difference of mean KLD with its interval."""
-    if not pairs:
-        return []
-    out = ["", "paired difference of mean KLD from the row above (same positions; 95% interval, "
-               "chunks resampled):"]
-    for i, d in pairs.items():
-        verdict = "told apart" if d["apart"] else "cannot be told apart"
-        out.append(f"  {rows[i].get('model')} - {d['above']}: {d['diff']:+.5f} [{d['low']:+.5f}, {d['high']:+.5f}]"
-                   f"  {verdict}")
-    return out

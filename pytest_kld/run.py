@@ -153,15 +153,37 @@ def compare_model(cache, s: dict, model, *, name=None, exec=None, revision=None,
     )
 
 
-def row(result, outcome: str | None = None, thresholds: dict | None = None) -> dict:
-    """The plain, JSON-able leaderboard row of a result."""
-    from .report import result_row
+SUMMARY_KEYS = ("se", "se_cluster", "ci95_low", "ci95_high", "count")  # beside the figures, at the row's top level
 
-    r = json.loads(json.dumps(result_row(result, outcome), default=_jsonable))
-    ref, corpus = result.reference, result.settings.get("corpus") or {}
-    r["blas"] = result.settings.get("blas")  # the BLAS this comparison ran on (pytest_kld/blas.py)
+
+def row(result, outcome: str | None = None, thresholds: dict | None = None) -> dict:
+    """The plain, JSON-able row of a result: what the leaderboard (:func:`pytest_kld.board.build`),
+    the JSON and a merge read. No per-position arrays; per-chunk sums for paired comparisons."""
+    from . import options
+    from .board import DIRECTION, display_name
+
+    info, s, st = result.info or {}, result.summary, result.settings
+    bpw, wb, mean = info.get("bits_per_weight"), info.get("weight_bytes"), s.get("mean")
+    nonfinite = int(s.get("nonfinite") or 0)
+    total = int(s.get("count") or 0) + nonfinite
+    r = {
+        "model": display_name(result.model), "model_arg": result.model, "path": result.path, "direction": DIRECTION,
+        "is_reference": bool(result.is_reference), "exec": result.exec,
+        "vocab_backend": st.get("vocab_backend", "numpy"),  # the cache's: numpy or mlx
+        "reference": result.reference.get("name"), "mode": (st.get("corpus") or {}).get("mode"),
+        "top_k": st.get("top_k"), "size_mb": wb / 1e6 if isinstance(wb, (int, float)) else None, "bpw": bpw,
+        "mean_per_bit": mean / bpw if bpw and mean is not None and math.isfinite(mean) else None,
+        "summary": dict(s), "categories": result.categories, "info": info, "max_at": result.max_at,
+        "fingerprint": result.fingerprint, "outcome": outcome,
+        **{k: s.get(k) for k in SUMMARY_KEYS},
+        **{f.name: s.get(f.name) for f in options.FIGURES if f.heading or f.name in s},  # columns always
+        "nonfinite": nonfinite, "nonfinite_share": nonfinite / total if total else 0.0,
+    }
+    r = json.loads(json.dumps(r, default=_jsonable))
+    ref, corpus = result.reference, st.get("corpus") or {}
+    r["blas"] = st.get("blas")  # the BLAS this comparison ran on (pytest_kld/blas.py)
     r["cache"] = {  # which reference cache: a baseline or a merge refuses rows of another
-        **(result.settings.get("cache") or {}),
+        **(st.get("cache") or {}),
         "reference_fingerprint": ref.get("fingerprint"),
         "tokenizer_fingerprint": ref.get("tokenizer_fingerprint"),
         "corpus_sha256": corpus.get("token_sha256"),
@@ -189,9 +211,9 @@ def chunk_sums(kl, chunk) -> dict:
 def margins(r: dict, thresholds: dict) -> dict:
     """How far each figure is inside its threshold (negative: over it): allowed - observed for
     upper bounds, observed - allowed for top1 and positions for nonfinite."""
-    from .options import THRESHOLDS
+    from .thresholds import bounds
 
-    bound = {t.name: t.bound for t in THRESHOLDS}
+    bound = bounds()
     out = {}
     for key, allowed in thresholds.items():
         got = r.get("nonfinite") if key == "nonfinite" else (r.get("summary") or {}).get(key)
@@ -210,6 +232,34 @@ def unique_rows(rows: list[dict]) -> list[dict]:
             out[key] = r
     return sorted(out.values(), key=lambda r: tuple(str(v) for v in (r.get("model"), r.get("path"), r.get("mode"),
                                                                        r.get("top_k"), r.get("exec"))))
+
+
+def collect(rows: list[dict]):
+    """The run's leaderboard (:class:`pytest_kld.board.Board`) of every row recorded: one per
+    model and settings (:func:`unique_rows`), built once for every output."""
+    from .board import build
+
+    board = build(unique_rows(rows))
+    # every baseline slot recorded, not one per leaderboard row (two tests may record one model)
+    board.recorded = sorted({str((r.get("baseline") or {}).get("path")) for r in rows
+                             if (r.get("baseline") or {}).get("verdict") == "recorded"})
+    return board
+
+
+def summary_lines(s: dict, board, *, by_category: bool | None = None) -> list[str]:
+    """What the plugin and the command line print at the end: the header, the leaderboard and the
+    note on baselines just recorded."""
+    from .report import header_line, leaderboard_lines
+
+    if not board.rows:
+        return []
+    by_category = bool(s.get("by_category")) if by_category is None else by_category
+    out = [header_line(board), *leaderboard_lines(board, by_category=by_category)]
+    recorded = board.recorded or [r for r in board.rows if (r.get("baseline") or {}).get("verdict") == "recorded"]
+    if recorded:
+        out.append(f"pytest-kld: {len(recorded)} baseline(s) recorded under {s.get('baselines')}; "
+                   "commit them, and later runs gate each quant against its own")
+    return out
 
 
 def baselines_dir(given, root, update: bool) -> str | None:
@@ -233,27 +283,33 @@ def output_paths(s: dict, prefix: str = "--kld-") -> None:
             raise KldError(f"{prefix}{name} {s[name]}: {why}")
 
 
-def write_reports(s: dict, rows: list[dict]) -> None:
+def write_reports(s: dict, board) -> None:
     """The JSON results (always, when asked: CI that reads it finds the settings), and with rows
-    the Markdown summary and the chart. GitHub's step summary collects; anything else is replaced."""
+    the Markdown summary and the chart, all from one :class:`pytest_kld.board.Board` (rows are
+    built into one). GitHub's step summary collects; anything else is replaced."""
+    from .board import build
+
+    board = build(board)
     if s.get("json"):
-        write_json(s["json"], s, rows)
-    if rows and (s.get("markdown") or s.get("chart")):
+        write_json(s["json"], s, board)
+    if board.rows and (s.get("markdown") or s.get("chart")):
         from . import chart, markdown
-        from .report import header_fields
 
         if s.get("markdown"):
             append = os.environ.get("GITHUB_STEP_SUMMARY") == s["markdown"]
-            markdown.write_markdown(rows, s["markdown"], header_fields(rows), append=append)
+            markdown.write_markdown(board, s["markdown"], board.header, append=append)
         if s.get("chart"):
-            chart.write_chart(rows, s["chart"])
+            chart.write_chart(board, s["chart"])
 
 
-def write_json(path: str, s: dict, rows: list[dict]) -> None:
-    """The versioned results document, strict JSON (NaN and inf become null), written atomically."""
+def write_json(path: str, s: dict, board) -> None:
+    """The versioned results document, strict JSON (NaN and inf become null), written atomically:
+    the rows as given and the leaderboard built from them (order, best marks, pairs...)."""
     from . import __version__
+    from .board import build
     from .files import write_text
 
+    board = build(board)
     doc = {
         "schema_version": RESULTS_SCHEMA_VERSION,
         "tool": "pytest-kld",
@@ -265,7 +321,8 @@ def write_json(path: str, s: dict, rows: list[dict]) -> None:
         "versions": _versions(),
         "python": sys.version.split()[0],
         "platform": sys.platform,
-        "results": rows,
+        "results": board.results,
+        "leaderboard": board.to_json(),
     }
     text = json.dumps(strict(json.loads(json.dumps(doc, default=_jsonable))), indent=2, allow_nan=False)
     write_text(path, text)

@@ -34,7 +34,7 @@ class KldSession:
         self.start = start
         self.caches: dict = {}
         self.rows: list[dict] = []
-        self.final_rows: list[dict] = []
+        self.board = None  # the run's leaderboard, built once in pytest_sessionfinish
         self.report_error: str | None = None
 
     def effective(self, overrides: dict) -> dict:
@@ -108,32 +108,26 @@ class KldSession:
     def pytest_sessionfinish(self, session, exitstatus):
         if hasattr(self.config, "workerinput"):
             return
-        from .run import unique_rows, write_reports
+        from .run import collect, write_reports
 
-        self.final_rows = unique_rows(self.rows)
+        self.board = collect(self.rows)
         try:
-            write_reports(self.settings, self.final_rows)
+            write_reports(self.settings, self.board)
         except Exception as e:  # a report that cannot be written must not pass silently
             self.report_error = f"pytest-kld: could not write a report: {e}"
             if exitstatus == 0:
                 session.exitstatus = pytest.ExitCode.INTERNAL_ERROR
 
     def pytest_terminal_summary(self, terminalreporter, exitstatus, config):
-        if hasattr(config, "workerinput") or not self.final_rows:
+        if hasattr(config, "workerinput") or self.board is None or not self.board.rows:
             return
         try:
-            from .report import header_line, leaderboard_lines
+            from .run import summary_lines
 
             tr = terminalreporter
             tr.write_sep("=", "pytest-kld leaderboard")
-            tr.write_line(header_line(self.final_rows))
-            for line in leaderboard_lines(self.final_rows, by_category=bool(self.settings.get("by_category"))):
+            for line in summary_lines(self.settings, self.board):
                 tr.write_line(line)
-            recorded = {r["baseline"].get("path") for r in self.rows  # every slot, not one per model
-                        if (r.get("baseline") or {}).get("verdict") == "recorded"}
-            if recorded:
-                tr.write_line(f"pytest-kld: {len(recorded)} baseline(s) recorded under {self.settings.get('baselines')}; "
-                              "commit them, and later runs gate each quant against its own")
             if self.report_error:
                 tr.write_line(self.report_error, red=True)
         except Exception as e:  # never raise in the summary

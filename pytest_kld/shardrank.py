@@ -10,7 +10,7 @@ else one clear error. The forward passes are collective: every rank runs exactly
 sequence of them (the same pieces, evaluated the same way), and each gets the full logits.
 Rank 0 alone tokenises the corpus or reads the cache (it hands the ids to the other ranks through
 an ``all_sum``), does the vocabulary-wide work with the single-process code
-(:func:`pytest_kld.refpass.reference_pass` for a build, ``compare._run`` for a comparison) and
+(:func:`pytest_kld.refpass.reference_pass` for a build, ``compare.run_passes`` for a comparison) and
 writes its arrays into the job directory its parent made; for a build the parent validates them
 and writes the cache entry under its lock (:mod:`pytest_kld.cache`).
 
@@ -72,11 +72,11 @@ def sharded_model(path, exec_mode: str, *, group, trust_remote_code: bool = Fals
     import mlx.core as mx
     from mlx_lm.utils import sharded_load
 
-    from .forward import LoadedModel, _check_config, _one_line, _output_split, cast_float32, dequantize_to_float32
+    from .forward import LoadedModel, cast_float32, check_config, dequantize_to_float32, one_line, output_split
     from .models import check_weight_files
 
     path = Path(path)
-    _check_config(path, trust_remote_code)
+    check_config(path, trust_remote_code)
     check_weight_files(path)
     strategy = strategy_of(path, group.size(), trust_remote_code=trust_remote_code)
     groups = {"pipeline_group": group} if strategy == "pipeline" else {"tensor_group": group}
@@ -85,7 +85,7 @@ def sharded_model(path, exec_mode: str, *, group, trust_remote_code: bool = Fals
                                         trust_remote_code=trust_remote_code)
     except (ValueError, AssertionError) as e:  # e.g. more ranks than layers, heads not divisible
         raise ModelError(f"{path}: mlx-lm cannot shard this model {strategy}-parallel over "
-                         f"{group.size()} ranks ({_one_line(e)})") from None
+                         f"{group.size()} ranks ({one_line(e)})") from None
     if exec_mode == "float32":
         dequantize_to_float32(model)
         cast_float32(model)
@@ -93,7 +93,7 @@ def sharded_model(path, exec_mode: str, *, group, trust_remote_code: bool = Fals
     # Whether logits are computed at scored rows only (forward.scored_logits) is decided by a
     # probe through the model, a collective pass: run it now, on every rank, and keep the split
     # only if every rank found it exact, so all ranks take the same path through every pass.
-    split = _output_split(model) or False
+    split = output_split(model) or False
     agreed = mx.distributed.all_sum(mx.array(1 if split else 0, dtype=mx.int32), group=group, stream=mx.cpu)
     model._pytest_kld_split = split if int(agreed.item()) == group.size() else False
     return LoadedModel(model, tokenizer, path, exec_mode), strategy
@@ -167,11 +167,11 @@ def _build(args, job: dict, hooks: dict) -> tuple[dict, dict]:
 
 def _compare(args, job: dict, hooks: dict) -> tuple[dict, dict]:
     """The per-position figures of the model against the cache entry ``job["cache"]``."""
-    from .compare import _run
+    from .compare import run_passes
     from .reference import ReferenceCache
 
     cache = ReferenceCache.load(job["cache"], expect_key=job["key"])
-    parts, exec_used, _ = _run(cache, Path(args.model), job["name"], args.exec, args.chunk_tokens,
+    parts, exec_used, _ = run_passes(cache, Path(args.model), job["name"], args.exec, args.chunk_tokens,
                             hooks["trust_remote_code"], hooks["progress"], load=hooks["load"], share=hooks["share"])
     arrays = {name: np.concatenate([getattr(p, name) for p in parts]) if parts else np.zeros(0)
               for name in ("kl", "ref_target", "quant_target")}

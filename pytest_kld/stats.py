@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-PERCENTILES = {"p90": 90.0, "p95": 95.0, "p99": 99.0, "p99_9": 99.9}
+from . import options
 
 
 def summarize(
@@ -21,14 +21,17 @@ def summarize(
     ref_target: np.ndarray | None = None,
     quant_target: np.ndarray | None = None,
 ) -> dict:
-    """Summary of finite per-position KL values; non-finite positions are counted, not averaged."""
+    """Summary of finite per-position KL values; non-finite positions are counted, not averaged.
+    The percentiles are those of the figures table (:data:`pytest_kld.options.FIGURES`), the median
+    as numpy's median."""
+    percentiles = {k: q for k, q in options.percentiles().items() if k != "median"}
     kl = np.asarray(kl, dtype=np.float64)
     ok = np.isfinite(kl)
     x = kl[ok]
     n = int(x.size)
     out: dict = {"count": n, "nonfinite": int(kl.size - n)}
     if n == 0:
-        for key in ["mean", "se", "std", "median", "min", "max", *PERCENTILES]:
+        for key in ["mean", "se", "std", "median", "min", "max", *percentiles]:
             out[key] = math.nan
         out["argmax"] = None
         return out
@@ -42,7 +45,7 @@ def summarize(
         min=float(np.min(x)),
         max=float(np.max(x)),
     )
-    for key, q in PERCENTILES.items():
+    for key, q in percentiles.items():
         out[key] = float(np.percentile(x, q))
     out["argmax"] = int(np.flatnonzero(ok)[int(np.argmax(x))])
     if top1 is not None:

@@ -7,18 +7,21 @@ import math
 import numbers
 
 from .errors import ThresholdError
-from .options import THRESHOLD_NAMES, THRESHOLDS, real_number
+from .options import real_number, thresholds
 
-_BOUND = {t.name: t.bound for t in THRESHOLDS}
+
+def bounds() -> dict[str, str]:
+    """``{threshold name: "upper" or "lower"}``, from the figures table (options.FIGURES) as it is now."""
+    return {f.name: f.bound for f in thresholds()}
 
 
 def validate(limits: dict, where: str = "assert_kld") -> dict:
     """``{name: float}`` of the thresholds given; one line for an unknown name or a value that
     is not a finite, non-negative real number (top1 at most 1)."""
-    out = {}
+    out, bound = {}, bounds()
     for key, value in limits.items():
-        if key not in _BOUND:
-            raise ThresholdError(f"{where}: unknown threshold {key!r}; known: {', '.join(THRESHOLD_NAMES)}")
+        if key not in bound:
+            raise ThresholdError(f"{where}: unknown threshold {key!r}; known: {', '.join(bound)}")
         if value is None:
             continue
         number = real_number(value)
@@ -80,7 +83,7 @@ def check(result, thresholds: dict, categories: dict | None = None) -> tuple[lis
 
 
 def _check(summary: dict, limits: dict, where: str, lines: list[str]) -> int:
-    broken = 0
+    broken, bound = 0, bounds()
     for key, allowed in limits.items():
         got = summary.get(key)
         if got is None and key.startswith("drift"):
@@ -90,7 +93,7 @@ def _check(summary: dict, limits: dict, where: str, lines: list[str]) -> int:
         elif got is None or (isinstance(got, float) and math.isnan(got)):
             broken += 1
             lines.append(f"{where}{key}: no value (no finite positions); allowed {allowed:.6g}  FAILED")
-        elif _BOUND[key] == "lower":
+        elif bound[key] == "lower":
             ok = got >= allowed
             broken += not ok
             lines.append(f"{where}{key}: {got:.4f} {'>=' if ok else '<'} minimum {allowed:.4f}  {'ok' if ok else 'FAILED'}")

@@ -59,14 +59,14 @@ def _bos_prefix(tokenizer) -> list[int]:
     return []
 
 
-def _has_chat_template(tokenizer) -> bool:
+def has_chat_template(tokenizer) -> bool:
     flag = getattr(tokenizer, "has_chat_template", None)
     if isinstance(flag, bool):
         return flag
     return getattr(tokenizer, "chat_template", None) is not None
 
 
-class _Encoder:
+class Encoder:
     """Encodes a string with the BOS rule and finds the tokens of a character span."""
 
     def __init__(self, tokenizer):
@@ -101,7 +101,7 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return i
 
 
-def _render_record(enc: _Encoder, rec: Record, use_template: bool):
+def _render_record(enc: Encoder, rec: Record, use_template: bool):
     """Ids of one record and the token span [a, b) of its scored text."""
     text = rec.text
     if use_template and rec.context:
@@ -131,7 +131,7 @@ def _render_record(enc: _Encoder, rec: Record, use_template: bool):
     return enc.with_span(full, len(prefix), len(full))
 
 
-def _identity(spec: CorpusSpec, chunks, ranges) -> dict:
+def corpus_identity(spec: CorpusSpec, chunks, ranges) -> dict:
     return {
         **spec.key_dict(),
         "chunks": len(chunks),
@@ -149,17 +149,17 @@ def tokenize_corpus(spec: CorpusSpec, tokenizer) -> TokenizedCorpus:
         raise CorpusError(
             f"{spec.source}: the file changed since the corpus spec was made; build the spec again"
         )
-    enc = _Encoder(tokenizer)
+    enc = Encoder(tokenizer)
     if spec.kind == "document":
         return _tokenize_document(spec, enc)
     return _tokenize_records(spec, enc)
 
 
-def _tokenize_records(spec: CorpusSpec, enc: _Encoder) -> TokenizedCorpus:
+def _tokenize_records(spec: CorpusSpec, enc: Encoder) -> TokenizedCorpus:
     records = load_records(spec.path, spec.source_format, spec.default_category)
     if spec.n_chunks is not None:
         records = records[: spec.n_chunks]
-    use_template = spec.chat_template and _has_chat_template(enc.tok)
+    use_template = spec.chat_template and has_chat_template(enc.tok)
     chunks, ranges, cats, names = [], [], [], []
     for rec in records:
         ids, a, b = _render_record(enc, rec, use_template)
@@ -176,10 +176,10 @@ def _tokenize_records(spec: CorpusSpec, enc: _Encoder) -> TokenizedCorpus:
         ranges.append((int(start), int(end)))
         cats.append(rec.category)
         names.append(rec.id)
-    return TokenizedCorpus(chunks, ranges, cats, _identity(spec, chunks, ranges), names)
+    return TokenizedCorpus(chunks, ranges, cats, corpus_identity(spec, chunks, ranges), names)
 
 
-def _tokenize_document(spec: CorpusSpec, enc: _Encoder) -> TokenizedCorpus:
+def _tokenize_document(spec: CorpusSpec, enc: Encoder) -> TokenizedCorpus:
     text = read_document(spec)
     ids = np.asarray(enc.ids(text), dtype=np.int32)
     n_ctx = spec.n_ctx
@@ -200,4 +200,4 @@ def _tokenize_document(spec: CorpusSpec, enc: _Encoder) -> TokenizedCorpus:
         ranges.append((spec.score_offset, n_ctx - 1))
     cats = [spec.default_category] * n
     names = [f"chunk-{i}" for i in range(n)]
-    return TokenizedCorpus(chunks, ranges, cats, _identity(spec, chunks, ranges), names)
+    return TokenizedCorpus(chunks, ranges, cats, corpus_identity(spec, chunks, ranges), names)

@@ -28,7 +28,6 @@ import numpy as np
 
 from .divergence import PositionStats, SparseRows, kl_from_parts, sparsify
 
-BACKENDS = ("auto", "numpy", "mlx")
 MLX_MARGIN = 1.5  # auto keeps MLX only when it is at least this many times faster than numpy
 
 

@@ -120,6 +120,7 @@ def test_cli_records_and_gates_by_name(tiny_model, tmp_path):
 
     p = run(tiny_model("llama", bits=8), "--update-baselines")
     assert p.returncode == 0, p.stderr[-2000:]
+    assert "pytest-kld: 1 baseline(s) recorded under" in p.stdout  # the note the plugin prints too
     assert (tmp_path / "b" / "cli" / "candidate.json").is_file()
     p = run(tiny_model("llama", bits=8))
     assert p.returncode == 0 and " same " in p.stdout + " ", p.stdout

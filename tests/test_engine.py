@@ -92,10 +92,10 @@ def test_scored_rows_only_equal_the_full_call_to_float32_rounding(arch, tiny_mod
     of the model's own full call up to float32 rounding. Not bit for bit on every BLAS: the output
     layer then multiplies fewer rows, and how a BLAS blocks a matrix product (so in which order it
     adds) depends on its shape, its build and the CPU (3.6e-5 seen on qwen3_5 with one OpenBLAS)."""
-    from pytest_kld.forward import _output_split
+    from pytest_kld.forward import output_split
 
     lm = load_model(tiny_model(arch, bits=bits), "float32")
-    assert _output_split(lm.model) is not None  # the fast path is taken for every tiny family
+    assert output_split(lm.model) is not None  # the fast path is taken for every tiny family
     ids = np.array(lm.tokenizer.encode("The river rose slowly through the night. " * 6), dtype=np.int32)
     n = len(ids)
     for start, ct in ((0, 16), (n // 2, 16), (n // 3, 7), (5, 0)):

@@ -9,10 +9,10 @@ import zlib
 
 import pytest
 
+from pytest_kld.board import DIRECTION, build
 from pytest_kld.chart import write_chart
 from pytest_kld.errors import KldError
 from pytest_kld.markdown import markdown, write_markdown
-from pytest_kld.report import DIRECTION, ordered_rows
 
 
 def _info(name, bpw, *, label="4-bit g64", elevated=None, overrides=0, hist=None, **kw):
@@ -323,7 +323,7 @@ def test_chart_without_matplotlib_is_one_line(rows, tmp_path, monkeypatch):
 
 
 def test_ordered_rows_keeps_all(rows):
-    assert sorted(r["model"] for r in ordered_rows(rows)) == sorted(r["model"] for r in rows)
+    assert sorted(r["model"] for r in build(rows).rows) == sorted(r["model"] for r in rows)
 
 
 def test_no_matplotlib_or_mlx_at_import():

@@ -113,7 +113,7 @@ def test_help_shows_every_option_with_its_default(pytester, monkeypatch):
     import subprocess
     import sys
 
-    from pytest_kld.options import OPTIONS, THRESHOLD_NAMES
+    from pytest_kld.options import OPTIONS, threshold_names
 
     monkeypatch.setenv("COLUMNS", "250")  # no wrapping inside a help line
     result = pytester.runpytest("--help")
@@ -132,7 +132,7 @@ def test_help_shows_every_option_with_its_default(pytester, monkeypatch):
         if o.name != "reference":  # the command line's reference is its first argument
             flag = o.name if o.kind is bool else f"{o.name} {o.metavar}"
             assert re.search(rf"--{re.escape(flag)} (?:(?! --).)*?{default}", cli_flat), f"pytest-kld --help: --{o.name}"
-    for t in THRESHOLD_NAMES:
+    for t in threshold_names():
         flag = t.replace("_", ".") if t.startswith("p") else t.replace("_", "-")  # --p99.9, --drift-match
         assert f"--{flag} X" in cli_flat
     out = result.stdout.str()

@@ -95,6 +95,8 @@ def test_merge_of_two_partial_runs_equals_one_full_run(tiny_model, tmp_path):
         return [{k: r[k] for k in figures} for r in json.loads((tmp_path / f"{name}.json").read_text())["results"]]
 
     assert rows("merged") == rows("full")
+    board = {n: json.loads((tmp_path / f"{n}.json").read_text())["leaderboard"] for n in ("merged", "full")}
+    assert board["merged"] == board["full"] and len(board["full"]["order"]) == 2  # one leaderboard model
     # results of another cache (other K) are refused, not merged
     p = cli(ref, q4, "--n-chunks", 3, "--top-k", 8, "--cache-dir", tmp_path / "c", "--json", tmp_path / "k8.json")
     assert p.returncode == 0, p.stderr
