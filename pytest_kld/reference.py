@@ -1,5 +1,4 @@
-"""The sparse reference cache entry: its format, its validation on load, its atomic write.
-(Which entry, and building it under a lock: :mod:`pytest_kld.cache`.)
+"""The sparse reference cache entry: format, validation on load, atomic write (builds: :mod:`pytest_kld.cache`).
 
 An entry is a directory (every name derived from a hash, so no model id or corpus name can steer
 a path outside the cache directory)::
