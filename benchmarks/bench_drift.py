@@ -189,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     tot_d = sum(q["drift_s"] for q in doc["quants"].values())
     doc["total"] = {"prefill_s": round(tot_p, 2), "drift_s": round(tot_d, 2), "ratio": round(tot_d / tot_p, 3)}
     print(f"all quants: prefill {tot_p:.1f} s, drift {tot_d:.1f} s, ratio {tot_d / tot_p:.2f}")
+    from pytest_kld.drift import lines  # the leaderboard's drift section of these comparisons
+
+    print("\n".join(lines([{"model": n, "summary": q["summary"]} for n, q in doc["quants"].items()])))
     if args.json:
         args.json.write_text(json.dumps(doc, indent=1) + "\n")
     return 0 if ok else 1

@@ -314,3 +314,22 @@ def test_each(assert_kld, i):
                                         f"--kld-cache-dir={pytester.path / 'c'}", "-p", "no:cacheprovider")
     res.assert_outcomes(passed=4)
     assert len(list((pytester.path / "c").glob("ref-*/drift-*/manifest.json"))) == 1
+
+
+@pytest.mark.parametrize("exec_mode, batched", [("float32", True), ("native", False)])
+def test_the_reference_generates_batched_in_float32_only(tiny_model, monkeypatch, exec_mode, batched):
+    """Half-precision logits round too coarsely for batched decoding to be token-exact: a native
+    (float16 here) build generates one prompt at a time, a float32 one batched."""
+    from pytest_kld.refpass import reference_pass
+
+    seen = []
+    real = drift.continuations
+
+    def spy(*a, **kw):
+        seen.append(kw["batched"])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(drift, "continuations", spy)
+    arrays, facts = reference_pass(tiny_model("llama"), corpus_spec("drift", n_chunks=2, drift_tokens=3), top_k=8,
+                                   chunk_tokens=None, exec_mode=exec_mode)
+    assert seen == [batched] and facts["settings"]["exec"] == exec_mode and arrays["target"].shape[0] == 6
