@@ -333,3 +333,24 @@ def test_the_reference_generates_batched_in_float32_only(tiny_model, monkeypatch
     arrays, facts = reference_pass(tiny_model("llama"), corpus_spec("drift", n_chunks=2, drift_tokens=3), top_k=8,
                                    chunk_tokens=None, exec_mode=exec_mode)
     assert seen == [batched] and facts["settings"]["exec"] == exec_mode and arrays["target"].shape[0] == 6
+
+
+def test_a_wider_quant_is_picked_over_its_whole_output_and_scored_as_in_prefill(tiny_model, tmp_path, monkeypatch):
+    """A quant with more (padding) output rows than the reference's vocabulary: its greedy picks
+    see every row, and its trajectory KL is bit for bit what a prefill comparison of the same
+    chunks gives."""
+    import copy
+
+    from tiny import build_model
+
+    cache = ensure_reference(tiny_model("llama"), corpus_spec("drift", n_chunks=3, drift_tokens=6), cache_dir=tmp_path)
+    wide = build_model(tmp_path / "wide", "llama", vocab_size=384)
+    widths = []
+    real = drift.greedy_picks
+    monkeypatch.setattr(drift, "greedy_picks", lambda lg: (widths.append(lg.shape[-1]), real(lg))[1])
+    r = compare(cache, wide)
+    prefill = copy.copy(cache)
+    prefill.manifest = {**cache.manifest, "corpus": {**cache.manifest["corpus"], "mode": "file"}}
+    p = compare(prefill, wide)
+    assert widths and set(widths) == {384} and cache.manifest["vocab_size"] == 320
+    assert p.drift is None and r.drift is not None and np.array_equal(r.kl, p.kl) and np.all(np.isfinite(r.kl))
