@@ -2,6 +2,7 @@
 
     python benchmarks/bench_drift.py [--demo-dir DIR] [--n-chunks 20] [--drift-tokens 64]
                                      [--quants 8bit-g64 6bit-g64 4bit-g64 3bit-g64] [--json out.json]
+                                     [--build-only]
 
 1. The reference's drift build (continuations + the teacher-forced top-K pass), once with the
    continuations generated one prompt at a time (mlx-lm's generate_step: how drift mode always
@@ -36,18 +37,28 @@ import repo_paths  # noqa: F401  (demo/ and tests/ on sys.path)
 
 
 def build(ref: Path, spec, cache_dir: Path, batched: bool):
-    """(seconds, cache) of a drift build with batched or one-at-a-time continuations."""
+    """(seconds, seconds generating, prompts generated alone, cache) of a drift build with batched
+    or one-at-a-time continuations."""
     from pytest_kld import drift
     from pytest_kld.cache import ensure_reference
 
-    real = drift.reference_corpus
+    real, real_cont = drift.reference_corpus, drift.continuations
+    gen = {}
+
+    def timed(*a, **kw):
+        t = time.perf_counter()
+        out = real_cont(*a, **kw)
+        gen["s"], gen["alone"] = time.perf_counter() - t, out[1]
+        return out
+
     drift.reference_corpus = partial(real, batched=batched)  # refpass reads it at call time
+    drift.continuations = timed
     try:
         t = time.perf_counter()
         cache = ensure_reference(ref, spec, cache_dir=cache_dir)
-        return time.perf_counter() - t, cache
+        return time.perf_counter() - t, gen["s"], gen["alone"], cache
     finally:
-        drift.reference_corpus = real
+        drift.reference_corpus, drift.continuations = real, real_cont
 
 
 def compare_both(cache, quant: Path, drift_first: bool) -> dict:
@@ -139,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--drift-tokens", type=int, default=64)
     ap.add_argument("--quants", nargs="*", default=["8bit-g64", "6bit-g64", "4bit-g64", "3bit-g64"])
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--build-only", action="store_true", help="section 1 only")
     args = ap.parse_args(argv)
     from pytest_kld.blas import prefer_system_blas
 
@@ -155,19 +167,29 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="kld-bench-drift-"))
     doc: dict = {"model": "SmolLM2-135M-Instruct", "exec": "float32", "blas": blas, "prompts": args.n_chunks,
                  "drift_tokens": args.drift_tokens}
-    t_alone, alone = build(ref, spec, work / "alone", batched=False)
-    t_batched, batched = build(ref, spec, work / "batched", batched=True)
+    # a warm-up (first-call costs), then the two builds, the batched one first
+    build(ref, corpus_spec("drift", n_chunks=2, drift_tokens=4), work / "warm", batched=True)
+    t_batched, g_batched, solo, batched = build(ref, spec, work / "batched", batched=True)
+    t_alone, g_alone, _, alone = build(ref, spec, work / "alone", batched=False)
     same_key = alone.manifest["key"] == batched.manifest["key"]
     same_bytes = alone.manifest["arrays_sha256"] == batched.manifest["arrays_sha256"]
     same_tokens = bool(np.array_equal(alone.tokens, batched.tokens))
     doc["build"] = {"one_at_a_time_s": round(t_alone, 2), "batched_s": round(t_batched, 2),
-                    "ratio": round(t_alone / t_batched, 2), "same_key": same_key, "byte_identical": same_bytes,
-                    "same_tokens": same_tokens, "positions": batched.n_positions}
+                    "ratio": round(t_alone / t_batched, 2), "generating_one_at_a_time_s": round(g_alone, 2),
+                    "generating_batched_s": round(g_batched, 2), "generating_ratio": round(g_alone / g_batched, 2),
+                    "prompts_generated_alone_after_batching": solo, "same_key": same_key,
+                    "byte_identical": same_bytes, "same_tokens": same_tokens, "positions": batched.n_positions}
     print(f"reference drift build ({args.n_chunks} prompts x {args.drift_tokens} tokens, {batched.n_positions} "
-          f"positions): one prompt at a time {t_alone:.1f} s, batched {t_batched:.1f} s "
-          f"({t_alone / t_batched:.2f}x); same key {same_key}, arrays byte-identical {same_bytes}", flush=True)
+          f"positions): one prompt at a time {t_alone:.1f} s (generating {g_alone:.1f} s), batched {t_batched:.1f} s "
+          f"(generating {g_batched:.1f} s, {solo} prompt(s) again alone after a near-tie): {t_alone / t_batched:.2f}x "
+          f"({g_alone / g_batched:.2f}x generating); same key {same_key}, arrays byte-identical {same_bytes}",
+          flush=True)
     doc["quants"] = {}
     ok = same_key and same_bytes and same_tokens
+    if args.build_only:
+        if args.json:
+            args.json.write_text(json.dumps(doc, indent=1) + "\n")
+        return 0 if ok else 1
     print(f"{'quant':<10} {'prefill s':>9} {'drift s':>8} {'ratio':>6} {'match':>6} {'strict':>6} {'ties':>5} "
           f"{'near':>5} {'= free':>7} {'oracle s':>8}", flush=True)
     for j, (name, path) in enumerate(quants.items()):
