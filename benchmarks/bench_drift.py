@@ -2,7 +2,7 @@
 
     python benchmarks/bench_drift.py [--demo-dir DIR] [--n-chunks 20] [--drift-tokens 64]
                                      [--quants 8bit-g64 6bit-g64 4bit-g64 3bit-g64] [--json out.json]
-                                     [--build-only]
+                                     [--build-only] [--generation-only ROUNDS]
 
 1. The reference's drift build (continuations + the teacher-forced top-K pass), once with the
    continuations generated one prompt at a time (mlx-lm's generate_step: how drift mode always
@@ -60,6 +60,30 @@ def build(ref: Path, spec, cache_dir: Path, batched: bool):
         return time.perf_counter() - t, gen["s"], gen["alone"], cache
     finally:
         drift.reference_corpus, drift.continuations = real, real_cont
+
+
+def generation(ref: Path, spec, rounds: int) -> dict:
+    """The reference's continuations alone, batched and one prompt at a time, the model loaded
+    once, the order alternating between rounds: the best time of each, and whether they agree."""
+    from pytest_kld import drift
+    from pytest_kld.forward import load_model
+
+    lm = load_model(ref, "float32")
+    try:
+        prompts = [p for p, _, _ in drift.prompt_ids(spec, lm.tokenizer)]
+        eos = set(getattr(lm.tokenizer, "eos_token_ids", None) or [])
+        drift.continuations(lm.model, prompts[:2], 4, eos)  # warm-up
+        best, out = {True: math.inf, False: math.inf}, {}
+        for k in range(rounds):
+            for batched in ((True, False) if k % 2 == 0 else (False, True)):
+                t = time.perf_counter()
+                out[batched] = drift.continuations(lm.model, prompts, spec.drift_tokens, eos, batched=batched)
+                best[batched] = min(best[batched], time.perf_counter() - t)
+    finally:
+        lm.release()
+    return {"batched_s": round(best[True], 2), "one_at_a_time_s": round(best[False], 2),
+            "ratio": round(best[False] / best[True], 2), "prompts_generated_alone_after_batching": out[True][1],
+            "same_tokens": out[True][0] == out[False][0], "rounds": rounds}
 
 
 def compare_both(cache, quant: Path, drift_first: bool, rounds: int = 1) -> dict:
@@ -155,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quants", nargs="*", default=["8bit-g64", "6bit-g64", "4bit-g64", "3bit-g64"])
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--build-only", action="store_true", help="section 1 only")
+    ap.add_argument("--generation-only", type=int, default=0, metavar="ROUNDS",
+                    help="only the reference's generation, batched vs one prompt at a time, best of ROUNDS")
     ap.add_argument("--no-build-timing", action="store_true", help="section 1: build once (batched), untimed")
     ap.add_argument("--no-oracle", action="store_true", help="skip sections 3 and 4 (free generation, rounding)")
     ap.add_argument("--rounds", type=int, default=1, help="section 2: best of this many rounds (default 1)")
@@ -174,6 +200,15 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="kld-bench-drift-"))
     doc: dict = {"model": "SmolLM2-135M-Instruct", "exec": "float32", "blas": blas, "prompts": args.n_chunks,
                  "drift_tokens": args.drift_tokens}
+    if args.generation_only:
+        g = doc["generation"] = generation(ref, spec, args.generation_only)
+        print(f"the reference's continuations ({args.n_chunks} prompts x {args.drift_tokens} tokens, best of "
+              f"{g['rounds']}): one prompt at a time {g['one_at_a_time_s']:.1f} s, batched {g['batched_s']:.1f} s "
+              f"({g['ratio']:.2f}x; {g['prompts_generated_alone_after_batching']} prompt(s) again alone after a "
+              f"near-tie); the same tokens: {g['same_tokens']}")
+        if args.json:
+            args.json.write_text(json.dumps(doc, indent=1) + "\n")
+        return 0 if g["same_tokens"] else 1
     # a warm-up (first-call costs), then the two builds, the batched one first
     build(ref, corpus_spec("drift", n_chunks=2, drift_tokens=4), work / "warm", batched=True)
     t_batched, g_batched, solo, batched = build(ref, spec, work / "batched", batched=True)
