@@ -20,6 +20,10 @@
    largest difference between a step's log-probs computed incrementally one prompt at a time
    (generate_step, as free generation does), in the chunked teacher-forced pass (as drift mode
    reads them), and batched across prompts (BatchGenerator), at the same contexts.
+``--generation-only ROUNDS``: the reference's continuations only, batched and one prompt at a time
+with the model loaded once, alternating, best of ROUNDS (the builds above also time a pass and a
+fingerprint, and on a shared machine two builds minutes apart see different loads).
+``--rounds N --no-oracle --no-build-timing``: section 2 alone, best of N alternating rounds.
 Exit 1 when the caches differ or a difference is not explained by a counted near-tie.
 """
 
