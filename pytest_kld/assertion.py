@@ -22,6 +22,7 @@ class KldCompare:
 
     def __init__(self, node, session, settings: dict, cache):
         self.node, self.session, self.settings, self.cache = node, session, settings, cache
+        self.slots: dict[str, str] = {}  # baseline slot -> the model this test's assert_kld gave it
 
     def __call__(self, model, *, nonfinite: int = 0, name: str | None = None, exec: str | None = None,
                  revision: str | None = None):
@@ -143,18 +144,29 @@ class AssertKld:
                 nonfinite, "assert_kld"), spec
 
         thresholds, cats, allowed, spec = _or_fail(checked)
+        slot = _or_fail(lambda: self._slot(model, name)) if baseline and settings.get("baselines") else None
         result = self._compare.run(model, name=name, exec=exec, revision=revision)
         entry, gate_message = (None, None)
-        if baseline:
-            from .report import display_name
-
-            slot = name or display_name(str(model))
+        if slot is not None:
             entry, gate_message = _or_fail(lambda: gate(settings, self._compare.node.nodeid, slot, result, spec))
         self._compare.record(result, {**thresholds, "nonfinite": allowed}, entry)
         message = "\n".join(m for m in (evaluate(result, thresholds, cats, allowed), gate_message) if m)
         if message:
             pytest.fail(message, pytrace=False)
         return result
+
+
+    def _slot(self, model, name) -> str:
+        """The call's baseline slot: ``name`` or the model's short name; two models of one test
+        in one slot (directories with the same last name, no ``name=``) are an error."""
+        from .report import display_name
+
+        slot = name or display_name(str(model))
+        first = self._compare.slots.setdefault(slot, str(model))
+        if first != str(model):
+            raise KldError(f"assert_kld: {self._compare.node.nodeid} compares {first} and {model} under one "
+                           f"baseline slot {slot!r}; give each call its own name=, e.g. name='{slot}-2'")
+        return slot
 
 
 def _or_fail(fn):

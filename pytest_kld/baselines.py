@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
 import re
 import time
 from dataclasses import dataclass
@@ -47,9 +48,19 @@ class Baseline:
     kl: np.ndarray  # float32 [N] per-position KL(reference || quant) of the baseline quant
     cluster: np.ndarray  # int [N] chunk index of each position
 
+    figures: dict | None = None  # mean, percentiles and max recomputed from ``kl``: what a check uses
+
     @property
     def summary(self) -> dict:
-        return self.doc.get("summary") or {}
+        """The recorded summary with every KL figure taken from the per-position data."""
+        if self.figures is None:
+            import numpy as np
+
+            from .stats import summarize
+
+            full = summarize(np.asarray(self.kl, dtype=np.float64))
+            self.figures = {k: full[k] for k in CHECKED if k in full}
+        return {**(self.doc.get("summary") or {}), **self.figures}
 
 
 def slot_path(directory, nodeid: str, slot: str) -> Path:
@@ -62,9 +73,15 @@ def slot_path(directory, nodeid: str, slot: str) -> Path:
 
 
 def _safe(part: str) -> str:
+    """``part`` as a file name; one whose characters had to change (``a/b``, ``a:b``, ``a b``
+    would all read ``a_b``) or that is long gets a hash of the original, so two names never meet
+    in one file."""
     text = re.sub(r"[^A-Za-z0-9._\-\[\]=+,@]", "_", str(part)).strip(".") or "_"
+    digest = hashlib.sha256(str(part).encode()).hexdigest()
     if len(text) > 100:
-        text = text[:80] + "-" + hashlib.sha256(str(part).encode()).hexdigest()[:12]
+        text = text[:80] + "-" + digest[:12]
+    elif text != str(part):
+        text = f"{text}-{digest[:8]}"
     return text
 
 
@@ -119,16 +136,48 @@ def record(directory, result, nodeid: str, slot: str) -> Path:
                             "a broken model is not recorded as a baseline")
     path = slot_path(directory, nodeid, slot)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(Path(directory), path.parent)
         write_text(path, json.dumps(document(result, nodeid, slot), indent=1, allow_nan=False) + "\n")
     except OSError as e:
         raise BaselineError(f"could not write the baseline {path}: {e.strerror or e}") from None
     return path
 
 
-def load(path) -> Baseline:
-    """Read and check a baseline file; one line naming the file for anything wrong with it."""
+MAX_BYTES = 256 << 20  # a baseline file is read up to this size (about 50 million positions)
+CHECKED = ("mean", "median", "p90", "p95", "p99", "p99_9", "max")  # recomputed from the positions
+
+
+def make_dirs(root: Path, directory: Path) -> None:
+    """``mkdir -p`` of ``directory`` below ``root`` that follows no symbolic link: a link planted
+    at any level (another user's, in a shared baselines folder) is an error, not a way into the
+    directory it points to; a sub-folder is created for this user only to write (0755)."""
+    import os
+
+    from .files import write_text
+
+    root.mkdir(parents=True, exist_ok=True)
+    if not (root / ".gitignore").exists():  # a killed write's temporary is never committed
+        write_text(root / ".gitignore", "# pytest-kld: temporaries of an interrupted write\n.*.tmp\n")
+    here = root
+    for part in directory.relative_to(root).parts:
+        here = here / part
+        try:
+            os.mkdir(here, 0o755)
+        except FileExistsError:
+            pass
+        if here.is_symlink() or not here.is_dir():
+            raise OSError(f"{here} is a symbolic link or not a directory; remove it")
+
+
+def load(path, nodeid: str | None = None) -> Baseline:
+    """Read and check a baseline file (a regular file, at most :data:`MAX_BYTES`, JSON within
+    limits); one line naming the file for anything wrong with it. Every KL figure a check uses is
+    recomputed from the checksummed per-position data, and a recorded summary that disagrees is
+    refused. ``nodeid``: the test it must have been recorded for."""
     import numpy as np
+
+    from .files import UnreadableFile, read_json
+    from .stats import summarize
 
     path = Path(path)
 
@@ -136,13 +185,15 @@ def load(path) -> Baseline:
         return BaselineError(f"baseline {path}: {why}; {UPDATE_HINT} to replace it")
 
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        doc = read_json(path, MAX_BYTES)
     except FileNotFoundError:
         raise
-    except (OSError, ValueError) as e:
+    except UnreadableFile as e:
         raise bad(f"unreadable ({e})") from None
     if not isinstance(doc, dict) or doc.get("pytest_kld_baseline") != BASELINE_VERSION:
         raise bad(f"not a pytest-kld baseline of version {BASELINE_VERSION}")
+    if nodeid is not None and doc.get("test") != nodeid:
+        raise bad(f"recorded for the test {_short(doc.get('test'))}, not {nodeid}")
     try:
         pos, counts = doc["positions"], [int(c) for c in doc["chunks"]["count"]]
         data = base64.b64decode(pos["data"], validate=True)
@@ -150,12 +201,36 @@ def load(path) -> Baseline:
         raise bad(f"incomplete ({type(e).__name__}: {e})") from None
     if hashlib.sha256(data).hexdigest() != pos.get("sha256"):
         raise bad("its per-position data do not match their sha256 (edited or truncated)")
+    if len(data) % 4 or any(c < 0 for c in counts):
+        raise bad(f"{len(data)} bytes of per-position data, not whole float32 values")
     kl = np.frombuffer(data, dtype="<f4").astype(np.float32)
     if kl.size != sum(counts) or kl.size != (doc.get("cache") or {}).get("positions"):
         raise bad(f"{kl.size} positions, but its chunks count {sum(counts)}")
     if not np.all(np.isfinite(kl)) or np.any(kl < 0):
         raise bad("per-position KL values that are negative or not finite")
-    return Baseline(path, doc, kl, np.repeat(np.arange(len(counts)), counts))
+    full = summarize(kl.astype(np.float64))
+    figures = {k: full[k] for k in CHECKED if k in full}
+    why = _disagreement(doc.get("summary"), figures, kl.size)
+    if why:
+        raise bad(f"its summary disagrees with its per-position data ({why})")
+    return Baseline(path, doc, kl, np.repeat(np.arange(len(counts)), counts), figures)
+
+
+def _disagreement(summary, figures: dict, count: int) -> str | None:
+    """Why a recorded summary does not describe the recorded positions, or None. The summary was
+    computed from float64 values that were stored as float32: equal to about 1e-7 relative."""
+    if not isinstance(summary, dict):
+        return "no summary"
+    if summary.get("count", count) != count:
+        return f"count {_short(summary.get('count'))}, {count} positions"
+    for name, value in figures.items():
+        said = summary.get(name)
+        if said is None:
+            continue
+        if not isinstance(said, (int, float)) or isinstance(said, bool) or not math.isclose(
+                said, value, rel_tol=1e-5, abs_tol=1e-9):
+            return f"{name} {_short(said)}, recomputed {value:.6g}"
+    return None
 
 
 # What a cache key is made of, in words: a difference names the first of these that differs.

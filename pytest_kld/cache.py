@@ -79,10 +79,10 @@ def plan_reference(
 ) -> ReferencePlan:
     """Resolve the reference and compute its cache key, without importing mlx.
 
-    ``full_hash`` keys the cache on a hash of the weights' full contents ("sha256-full:"), not
-    the sampled one ("sha256-sample:": headers, sizes and 1,024 spread blocks per file), which
-    can miss an edit of a few bytes between sampled blocks. Neither depends on paths or times.
-    The two kinds are different cache entries.
+    The reference is known by the exact content of its weights (``"sha256-full:"``,
+    :func:`pytest_kld.fingerprint.weights_fingerprint`): hub blobs by their names, local files
+    read once and remembered in the cache directory. ``full_hash`` reads every byte now, trusting
+    neither (the same value).
     """
     import dataclasses
 
@@ -92,13 +92,19 @@ def plan_reference(
     from .models import output_width
 
     path = resolve_model(reference, revision=revision)
-    fp = weights_fingerprint(path, full=full_hash)
+    from .fingerprint import MEMO_FILE
+
+    fp = weights_fingerprint(path, full=full_hash, memo=Path(cache_dir or default_cache_dir()) / MEMO_FILE)
     tfp = tokenizer_fingerprint(path)
     exec_used = resolve_exec(settings.exec)
     width = output_width(path)
     if width and settings.top_k > width:  # K beyond the vocabulary keeps it all: one entry for all such K
         settings = dataclasses.replace(settings, top_k=width)
     material = _key_material(fp, tfp, corpus.key_dict(), settings, exec_used)
+    if getattr(corpus, "chat_template", False):  # prompts rendered through it: their token ids depend on it
+        from .fingerprint import chat_template_fingerprint
+
+        material["chat_template_sha256"] = chat_template_fingerprint(path)
     key = sha256_json(material)
     entry = entry_path(Path(cache_dir) if cache_dir else default_cache_dir(), fp, corpus.mode, key)
     return ReferencePlan(str(reference), path, fp, tfp, corpus, settings, exec_used, material, key, entry, revision)
@@ -262,3 +268,18 @@ def _build(plan: ReferencePlan, *, progress=None, trust_remote_code: bool = Fals
     store._write_entry(plan.entry, arrays, manifest, check=check)
 
 
+
+
+def settings_conflict(cache: ReferenceCache, s: dict) -> str | None:
+    """Why settings the user chose (a mode or K other than the defaults) disagree with a cache
+    made elsewhere, which decides them (one phrase), or None."""
+    from .options import BY_DEST
+
+    have = {"mode": (cache.manifest.get("corpus") or {}).get("mode"), "top_k": cache.manifest["settings"]["top_k"]}
+    for dest, value in have.items():
+        asked = s.get(dest)
+        if asked is not None and asked != BY_DEST[dest].default and asked != value:
+            if dest == "top_k" and value == cache.manifest.get("vocab_size") and int(asked) >= value:
+                continue  # K beyond the vocabulary keeps all of it: the same entry
+            return f"--kld-{dest.replace('_', '-')}={asked} but the cache {cache.path} was built with {value}"
+    return None

@@ -9,6 +9,8 @@ writing a test, with the same settings (from :mod:`pytest_kld.options`) and thre
     pytest-kld export CACHE_DIR OUT_DIR     (a cache entry as a folder to copy or upload)
     pytest-kld push OUT_DIR REPO            (that folder to a hub dataset repository)
     pytest-kld merge RESULTS.json ...       (several runners' results into one leaderboard)
+    pytest-kld doctor                       (this machine: CPU, the BLAS chosen for MLX and why)
+    pytest-kld card RESULTS.json QUANT      (the quant's figures into its model card, README.md)
 
 REFERENCE is a model (local MLX directory or hub id) or a cache entry directory (then no
 reference weights are read). Exit status: 0; 1 when a threshold fails or a model is broken
@@ -23,7 +25,7 @@ import sys
 
 from .options import THRESHOLD_NAMES, add_to_argparse
 
-COMMANDS = ("compare", "build", "info", "export", "push", "merge")
+COMMANDS = ("compare", "build", "info", "export", "push", "merge", "doctor", "card")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,6 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
     mrg.add_argument("results", nargs="+", help="results JSON files (--kld-json / --json)")
     mrg.add_argument("--json", default=None, help="write the merged results here")
     mrg.add_argument("--markdown", default=None, help="write the merged leaderboard as Markdown here")
+    sub.add_parser("doctor", help="this machine: the CPU's instruction sets, the BLAS chosen for MLX and why "
+                   "others were refused")
+    crd = sub.add_parser("card", help="write a quant's figures into its model card (README.md)")
+    crd.add_argument("results", help="a results JSON file (--kld-json / --json) holding the quant's row")
+    crd.add_argument("quant", help="the quant: a local model directory or a hub repo id (matched by weights fingerprint)")
+    crd.add_argument("--out", default=None, help="directory to write README.md into (default: the quant's directory)")
+    crd.add_argument("--push", nargs="?", const=True, default=None, metavar="REPO",
+                     help="upload the card to this hub model repo (default: QUANT when it is a hub repo id)")
     return ap
 
 
@@ -74,10 +84,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         handlers = {"compare": _compare, "build": _build, "info": _info, "export": _export, "push": _push,
-                    "merge": _merge}
+                    "merge": _merge, "doctor": _doctor, "card": _card}
         return handlers[args.command](args)
     except KldError as e:
-        print(f"pytest-kld: {e}", file=sys.stderr)
+        text = str(e)  # one prefix, even for a message that already carries it
+        print(text if text.startswith("pytest-kld:") else f"pytest-kld: {text}", file=sys.stderr)
         return 2
 
 
@@ -93,10 +104,19 @@ def _settings(args) -> dict:
     return s
 
 
+def _doctor(args) -> int:
+    from .blas import doctor
+
+    print("\n".join(doctor()))
+    return 0
+
+
 def _open(s: dict):
-    from .blas import prefer_system_blas
+    from .blas import fallback_warning, prefer_system_blas
 
     prefer_system_blas()  # before mlx is imported
+    if fallback_warning():
+        print(fallback_warning(), file=sys.stderr, flush=True)
     from .progress import Progress
     from .run import open_reference
 
@@ -129,6 +149,11 @@ def _compare(args) -> int:
     parse_tolerance(s["baseline_fail"], "--baseline-fail")
     s["baselines"] = baselines_dir(s["baselines"], os.getcwd(), bool(s["update_baselines"]))
     output_paths(s, prefix="--")  # before any work
+    slots = [args.name or display_name(str(m)) for m in quants]
+    if s["baselines"] and len(set(slots)) < len(slots):
+        same = next(x for x in slots if slots.count(x) > 1)
+        raise _error(f"two models share the baseline slot {same!r} (directories with the same last name); "
+                     "compare them in separate runs with --name")
     cache = _open(s)
     rows, failed = [], 0
     for model in quants:
@@ -190,8 +215,8 @@ def _export(args) -> int:
     from .reference import ARRAYS, MANIFEST, ReferenceCache
 
     cache = ReferenceCache.load(args.cache)  # only a valid entry travels
-    mode = (cache.manifest.get("corpus") or {}).get("mode") or "corpus"
-    target = Path(args.out) / f"{mode}-{cache.manifest['key'][:16]}"
+    mode = "".join(ch for ch in str((cache.manifest.get("corpus") or {}).get("mode")) if ch.isalnum())[:16]
+    target = Path(args.out) / f"{mode or 'corpus'}-{cache.manifest['key'][:16]}"  # inside out, whatever the mode
     target.mkdir(parents=True, exist_ok=True)
     for name in (MANIFEST, ARRAYS):
         shutil.copyfile(cache.path / name, target / name)
@@ -221,12 +246,7 @@ def _merge(args) -> int:
     output_paths({"json": args.json, "markdown": args.markdown}, prefix="--")
     docs, rows = [], []
     for path in args.results:
-        try:
-            doc = json.loads(open(path, encoding="utf-8").read())
-        except (OSError, ValueError) as e:
-            raise _error(f"{path}: not a results file ({e})") from None
-        if not isinstance(doc, dict) or doc.get("schema_version") != 1 or not isinstance(doc.get("results"), list):
-            raise _error(f"{path}: not a pytest-kld results file of schema version 1")
+        doc = _results_file(path)
         docs.append(doc)
         rows += [dict(r, source=path) for r in doc["results"]]
     keys = {(r.get("cache") or {}).get("key") for r in rows}
@@ -240,6 +260,65 @@ def _merge(args) -> int:
     settings = dict(docs[0].get("settings") or {}, json=args.json, markdown=args.markdown, chart=None)
     write_reports(settings, rows)
     return 1 if any(r.get("outcome") == "failed" for r in rows) else 0
+
+
+def _card(args) -> int:
+    from .card import write_card
+
+    readme, pushed = write_card(args.results, args.quant, out=args.out, push=args.push)
+    print(f"wrote {readme}" + (f" and pushed it to the hub model repo {pushed}" if pushed else ""))
+    return 0
+
+
+def _results_file(path: str) -> dict:
+    """A results file given to ``merge``: JSON within limits (files.read_json), of schema version
+    1, its results a list of objects; the fields a merge reads checked by type."""
+    from .errors import KldError
+    from .files import control_text, read_json
+
+    try:
+        doc = read_json(path)
+    except (OSError, KldError) as e:
+        raise _error(f"{path}: not a results file ({e})") from None
+    if not isinstance(doc, dict) or doc.get("schema_version") != 1 or not isinstance(doc.get("results"), list):
+        raise _error(f"{path}: not a pytest-kld results file of schema version 1")
+    why = _rows_problem(doc)
+    where = control_text(doc)
+    why = why or (f"control characters in {where}" if where else None)
+    if why:
+        raise _error(f"{path}: not a pytest-kld results file ({why})")
+    return doc
+
+
+_NUMBERS = ("mean", "se", "se_cluster", "ci95_low", "ci95_high", "median", "p95", "p99", "max", "top1", "count",
+            "nonfinite", "nonfinite_share", "bpw", "size_mb", "mean_per_bit", "top_k")
+
+
+def _rows_problem(doc: dict) -> str | None:
+    """What in a results document's rows a merge could not read (one phrase), or None."""
+    def number(v):
+        return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+
+    if not isinstance(doc.get("settings", {}), dict):
+        return "settings is not an object"
+    for i, r in enumerate(doc["results"]):
+        if not isinstance(r, dict):
+            return f"results[{i}] is not an object"
+        for k in ("summary", "categories", "info", "cache", "chunks", "thresholds", "margins", "baseline", "max_at"):
+            if not isinstance(r.get(k, {}), (dict, type(None))):
+                return f"results[{i}].{k} is not an object"
+        bad = [k for k in _NUMBERS if not number(r.get(k))]
+        bad += [f"summary.{k}" for k, v in (r.get("summary") or {}).items() if not number(v)]
+        bad += [f"categories.{c}" for c, v in (r.get("categories") or {}).items()
+                if not isinstance(v, dict) or not all(number(x) for x in v.values())]
+        chunks = r.get("chunks") or {}
+        if chunks and not (isinstance(chunks.get("sum"), list) and isinstance(chunks.get("count"), list)
+                           and len(chunks["sum"]) == len(chunks["count"])
+                           and all(number(x) and x is not None for x in chunks["sum"] + chunks["count"])):
+            bad.append("chunks")
+        if bad:
+            return f"results[{i}].{bad[0]} is not a number"
+    return None
 
 
 def _error(message: str):

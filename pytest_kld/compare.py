@@ -83,8 +83,7 @@ def compare(
 
     ``exec`` defaults to the exec the reference was built with, and ``chunk_tokens`` to its
     chunking, so self-comparison reproduces the reference's numbers exactly. ``full_hash``
-    fingerprints the model's weights by their full contents (True) or a sample of them (False);
-    by default the same kind as the cache's reference, so the reference is recognised as itself.
+    re-reads every byte of the model's weights for its fingerprint (trusting no remembered hash).
     ``progress(done, total)`` hears the tokens run. ``launch`` (a
     :class:`pytest_kld.distributed.Launch`) runs the model sharded over MLX's distributed
     engine, for a model too large for one machine; the figures are computed as here, by rank 0.
@@ -116,6 +115,8 @@ def compare(
     ref_t, q_t = cat("ref_target"), cat("quant_target")
     per_pos_cat = np.repeat(cache.chunk_category, np.diff(cache.row_offsets)).astype(np.int32)
     per_pos_chunk = np.repeat(np.arange(cache.n_chunks), np.diff(cache.row_offsets)).astype(np.int32)
+    # the reference's own weights give exactly 0 at every position; anything else is not the reference
+    is_reference = bool(is_reference and kl.size and np.all(kl == 0.0))
     summary = summarize(kl, top1, ref_t, q_t)
     summary.update(clustered(kl, per_pos_chunk))
     if followed is not None:
@@ -139,17 +140,14 @@ def compare(
 
 
 def _identify(cache: ReferenceCache, path, full_hash: bool | None) -> tuple[str, bool]:
-    """(the model's fingerprint, whether it is the cache's reference): the reference is
-    recognised by a fingerprint of its own kind."""
-    from .fingerprint import tokenizer_fingerprint, weights_fingerprint
+    """(the model's fingerprint, whether its weights are the cache's reference's, byte for
+    byte). The row is labelled ``reference`` only if its KL is exactly 0 as well (:func:`compare`)."""
+    from .fingerprint import MEMO_FILE, tokenizer_fingerprint, weights_fingerprint
+    from .reference import default_cache_dir
 
-    ref_fp = cache.manifest["reference"]["fingerprint"]
-    ref_full = str(ref_fp).startswith("sha256-full:")
-    full_hash = ref_full if full_hash is None else bool(full_hash)
-    fp = weights_fingerprint(path, full=full_hash)
-    same_kind_fp = fp if full_hash == ref_full else weights_fingerprint(path, full=ref_full)
+    fp = weights_fingerprint(path, full=bool(full_hash), memo=default_cache_dir() / MEMO_FILE)
     tokenizer_fingerprint(path)  # no tokenizer files: the same one line as for the reference
-    return fp, same_kind_fp == ref_fp
+    return fp, fp == cache.manifest["reference"]["fingerprint"]
 
 
 def _run(cache: ReferenceCache, path, name: str, exec_mode: str, chunk_tokens, trust_remote_code: bool, progress,
@@ -177,13 +175,15 @@ def _run(cache: ReferenceCache, path, name: str, exec_mode: str, chunk_tokens, t
         # drift mode: the quant's greedy pick at every step, over its whole output (drift.follow)
         picks = [] if (cache.manifest.get("corpus") or {}).get("mode") == "drift" else None
         parts = []
+        # vocab=None: the quant's log-softmax runs over its WHOLE output, padding rows included, so
+        # mass it puts on ids the reference never predicts lowers its log-probs at the reference's
+        # ids (damage), and an argmax there is a top-1 disagreement (divergence.compare_rows)
         for i, row, lg in iter_corpus_logprobs(lm.model, chunks, ranges, chunk_tokens=chunk_tokens,
-                                               vocab=vocab if picks is None else None, progress=progress, raw=True):
+                                               vocab=None, progress=progress, raw=True):
             if picks is not None:
                 from .drift import greedy_picks
 
                 picks.append(greedy_picks(lg))
-                lg = lg if width == vocab else lg[:, :vocab]
             parts.append(position_stats(cache.rows(i, row, row + int(lg.shape[0])), lg, backend))
             del lg  # one piece's logits alive at a time (forward.iter_chunk_logprobs)
         if picks is None:

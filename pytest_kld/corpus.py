@@ -35,7 +35,6 @@ Hugging Face tokenizer: anything with ``encode(text, add_special_tokens=...)``).
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -241,7 +240,8 @@ def _dataset_source(mode: str, path: Path) -> tuple[Path, str, str, str]:
             "use a .txt (or .raw), .jsonl or .parquet file"
         )
     if not path.is_file():
-        raise CorpusError(f"{path}: dataset file not found; check the --kld-dataset path")
+        what = "not a regular file (a FIFO or a device)" if path.exists() else "dataset file not found"
+        raise CorpusError(f"{path}: {what}; check the --kld-dataset path")
     if fmt == "parquet":
         require_pyarrow(path)
     if mode == "long":
@@ -342,6 +342,8 @@ def load_records(path: str | os.PathLike, fmt: str, default_category: str = "fil
     path = Path(path)
     records: list[Record] = []
     if fmt == "jsonl":
+        from .files import UnreadableFile, parse_json
+
         try:
             lines = path.read_text(encoding="utf-8").splitlines()
         except UnicodeDecodeError as exc:
@@ -351,9 +353,9 @@ def load_records(path: str | os.PathLike, fmt: str, default_category: str = "fil
                 continue
             where = f"{path}, line {lineno}"
             try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise CorpusError(f"{where}: bad JSON ({exc.msg} at column {exc.colno})") from None
+                obj = parse_json(line)
+            except UnreadableFile as exc:
+                raise CorpusError(f"{where}: bad JSON ({exc})") from None
             records.append(_record_from_obj(obj, where, default_category, lineno))
     elif fmt == "parquet":
         cols = read_parquet_table(path, ("text", "prompt", "category", "id"), "text")

@@ -138,9 +138,11 @@ class PositionStats:
 def compare_rows(ref: SparseRows, lq, *, tail_spread: bool = True, logits: bool = False) -> PositionStats:
     """KL(reference ‖ quant) at each position from the sparse reference and dense quant log-probs.
 
-    ``lq`` is the quant's float32 log-probs over the reference's vocabulary ([n, V]), or with
-    ``logits=True`` its raw logits (never written), normalised block by block as in
-    :func:`sparsify`. ``tail_spread``: add the tail's estimated inner KL (module docstring);
+    ``lq`` is the quant's float32 log-probs over its WHOLE output ([n, V'], V' at least the
+    reference's V), or with ``logits=True`` its raw logits (never written), normalised block by
+    block as in :func:`sparsify`. Ids beyond the reference's V (padding rows) are part of the
+    quant's distribution: mass there is missing at the reference's ids (it counts as damage, in
+    the tail term) and an argmax there is a top-1 disagreement. ``tail_spread``: add the tail's estimated inner KL (module docstring);
     False gives the one-bin lower bound.
     """
     lq = np.asarray(lq, dtype=np.float32)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import struct
+import re
 from pathlib import Path
 
 import numpy as np
@@ -40,60 +40,109 @@ def tokens_sha256(chunks, ranges) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-# The sampled fingerprint reads, per weight file, its header and SAMPLE_BLOCKS blocks of
-# SAMPLE_BYTES spread evenly over the tensor data (all of it when the data is smaller): at most
-# 4 MiB per file, whatever its size.
-SAMPLE_BLOCKS = 1024
-SAMPLE_BYTES = 4096
+MEMO_FILE = "file-sha256.json"  # beside the reference caches: content hashes of local files already read
+MEMO_ENTRIES = 4096
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
-def weights_fingerprint(path: Path, *, full: bool = False) -> str:
-    """A fingerprint of a model's weights and config, by content only: no paths, no times, so a
-    byte-identical copy (``cp -r``, a fresh hub download, a CI cache restore) keeps its cache.
+def weights_fingerprint(path: Path, *, full: bool = False, memo: Path | None = None) -> str:
+    """A fingerprint of a model's weights and config by their whole content, never paths or
+    times, so a byte-identical copy (``cp -r``, a fresh hub download, a CI cache restore) keeps
+    its cache and a change of any byte gets its own: ``"sha256-full:<hex>"``, SHA-256 over the
+    sorted ``*.safetensors`` file names, sizes and each file's content SHA-256, and
+    ``config.json``.
 
-    ``full=False`` (returns ``"sha256-sample:<hex>"``): SHA-256 over the sorted ``*.safetensors``
-    file names, sizes and JSON headers (names, dtypes, shapes, offsets), a sample of each file's
-    tensor data (:data:`SAMPLE_BLOCKS` evenly spread blocks, the whole data of a small file) and
-    ``config.json``. Reads at most 4 MiB per file. Any re-quantisation or re-conversion rewrites
-    nearly every block, so it is seen; an edit confined to a few bytes between two sampled
-    blocks (one poisoned row of a large tensor) is not: ``full=True`` sees every byte.
-
-    ``full=True`` (returns ``"sha256-full:<hex>"``): SHA-256 over the sorted file names, sizes
-    and full contents (streamed) and ``config.json``.
+    Exact without being slow: a file in the hub cache is a blob named by its content's SHA-256
+    (the LFS hash huggingface_hub checked on download), taken from its name; a local file is
+    read in full once and its hash remembered in ``memo`` (a small JSON file, written
+    atomically) by (device, inode, size, modification and change times in ns): a file written
+    since, even with its modification time put back, is read again. ``full=True`` reads every
+    byte now, trusting neither (and refreshes the memo); the value is the same.
     """
     path = Path(path)
+    remembered = _read_memo(memo) if memo is not None and not full else {}
+    learned: dict[str, str] = {}
     h = hashlib.sha256()
-    h.update(b"pytest-kld weights v2 full\n" if full else b"pytest-kld weights v2 sample\n")
+    h.update(b"pytest-kld weights v3 content\n")
     for f in weight_files(path):
         size = f.stat().st_size  # follows hub-cache symlinks to the blob
-        h.update(f"{f.name}\0{size}\0".encode())
-        with open(f, "rb") as fh:
-            if full:
-                for block in iter(lambda: fh.read(1 << 22), b""):
-                    h.update(block)
-            else:
-                header = _read_header_bytes(f)
-                h.update(struct.pack("<Q", len(header)))
-                h.update(header)
-                _hash_sample(h, fh, 8 + len(header), size)
+        _read_header_bytes(f)  # a file that is not safetensors: one line now, not at load
+        h.update(f"{f.name}\0{size}\0{_file_sha256(f, full, remembered, learned)}\0".encode())
     config = path / "config.json"
     if config.is_file():
         h.update(b"config.json\0")
         h.update(config.read_bytes())
-    return ("sha256-full:" if full else "sha256-sample:") + h.hexdigest()
+    if memo is not None and learned:
+        _write_memo(memo, {**(remembered if not full else _read_memo(memo)), **learned})
+    return "sha256-full:" + h.hexdigest()
 
 
-def _hash_sample(h, fh, start: int, end: int) -> None:
-    """Feed ``h`` the bytes [start, end) of ``fh`` if small, else evenly spread blocks of it."""
-    span = end - start
-    if span <= SAMPLE_BLOCKS * SAMPLE_BYTES:
-        fh.seek(start)
-        h.update(fh.read(span))
-        return
-    stride = (span - SAMPLE_BYTES) / (SAMPLE_BLOCKS - 1)
-    for i in range(SAMPLE_BLOCKS):
-        fh.seek(start + int(i * stride))
-        h.update(fh.read(SAMPLE_BYTES))
+def _file_sha256(f: Path, full: bool, remembered: dict, learned: dict) -> str:
+    """The content SHA-256 of ``f``: a hub blob's name, a remembered hash, or every byte read."""
+    real = f.resolve()
+    if not full and real.parent.name == "blobs" and _HEX64.fullmatch(real.name):
+        return real.name
+    st = real.stat()
+    stamp = f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+    if stamp in remembered:
+        return remembered[stamp]
+    learned[stamp] = sha256_file(real)
+    return learned[stamp]
+
+
+def _read_memo(memo: Path) -> dict:
+    """The remembered hashes (stamp -> hex); nothing when the file is missing, not ours, or one
+    that others can write (they could map a file to another's hash)."""
+    import os
+
+    from .files import UnreadableFile, read_json
+
+    try:
+        st = os.stat(memo)
+        if (hasattr(os, "getuid") and st.st_uid != os.getuid()) or st.st_mode & 0o022:
+            return {}
+        doc = read_json(memo, 4 << 20)
+    except (OSError, UnreadableFile):
+        return {}
+    files = doc.get("files") if isinstance(doc, dict) and doc.get("version") == 1 else None
+    if not isinstance(files, dict):
+        return {}
+    return {k: v for k, v in files.items() if isinstance(v, str) and _HEX64.fullmatch(v)}
+
+
+def _write_memo(memo: Path, files: dict) -> None:
+    """Best effort (a read-only cache directory still works, it only reads again next time)."""
+    from .files import write_text
+
+    keep = dict(list(files.items())[-MEMO_ENTRIES:])
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        write_text(memo, json.dumps({"version": 1, "files": keep}))
+        memo.chmod(0o644)  # ours alone to write, whatever the file it replaced allowed
+    except OSError:
+        pass
+
+
+def chat_template_fingerprint(path: Path) -> str | None:
+    """SHA-256 of the chat template(s) a tokenizer renders prompts with (``tokenizer_config.json``'s
+    ``chat_template``, ``chat_template.jinja``, ``chat_template.json``), or None without one: the
+    token ids of a chat corpus depend on it, and :func:`tokenizer_fingerprint` does not see it."""
+    path = Path(path)
+    h, found = hashlib.sha256(b"pytest-kld chat template v1\n"), False
+    config = path / "tokenizer_config.json"
+    if config.is_file():
+        try:
+            template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
+        except (OSError, ValueError, AttributeError):
+            template = None
+        if template is not None:
+            h.update(json.dumps(template, sort_keys=True).encode("utf-8"))
+            found = True
+    for name in ("chat_template.jinja", "chat_template.json"):
+        if (path / name).is_file():
+            h.update(f"\0{name}\0".encode() + (path / name).read_bytes())
+            found = True
+    return h.hexdigest() if found else None
 
 
 # Tokenizer files hashed (by content) when there is no tokenizer.json. tokenizer_config.json is

@@ -128,11 +128,20 @@ class OwnedLock:
     # -- the waiter's side
 
     def _holder(self) -> dict:
+        from .files import UnreadableFile, read_json
+
         try:
-            info = json.loads(self.owner.read_text())
+            info = read_json(self.owner, 1 << 16)
+            if not isinstance(info, dict):  # another program's file, or a hostile one: no facts
+                return {}
+            info = {k: v for k, v in info.items() if k in ("pid", "host", "since")}
+            if not isinstance(info.get("pid"), int) or not isinstance(info.get("host", ""), str) or not (
+                    isinstance(info.get("since", 0), (int, float)) and 0 <= info.get("since", 0) < 1e11):
+                return {}
+            info["host"] = "".join(c for c in info.get("host", "?") if c.isprintable())[:100]
             info["beat"] = self.owner.stat().st_mtime
-            return info if isinstance(info, dict) else {}
-        except (OSError, ValueError):
+            return info
+        except (OSError, UnreadableFile):
             return {}
 
     @staticmethod

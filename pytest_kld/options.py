@@ -21,6 +21,7 @@ class Option:
     help: str
     choices: tuple = ()
     minimum: int | None = None
+    maximum: int | None = None  # said in the help text too
     marker: bool = False  # a @pytest.mark.kld key
     default_text: str | None = None  # shown when the default is None or depends on something
 
@@ -53,15 +54,16 @@ OPTIONS: tuple[Option, ...] = (
            "drift (the quant's own greedy continuations against the reference's)",
            choices=("short", "long", "file", "drift"), marker=True),
     Option("dataset", str, None, "a .txt, .jsonl or .parquet corpus file (sets mode to file)", marker=True),
-    Option("drift-tokens", int, 64, "drift mode: tokens the reference generates greedily per prompt", minimum=1,
-           marker=True),
-    Option("top-k", int, 256, "log-probs kept per scored position in the reference cache", minimum=1, marker=True),
-    Option("n-ctx", int, None, "tokens per chunk", minimum=2, marker=True,
+    Option("drift-tokens", int, 64, "drift mode: tokens the reference generates greedily per prompt (1..4096)",
+           minimum=1, maximum=4096, marker=True),
+    Option("top-k", int, 256, "log-probs kept per scored position in the reference cache (1..1048576; beyond the "
+           "vocabulary: all of it)", minimum=1, maximum=1 << 20, marker=True),
+    Option("n-ctx", int, None, "tokens per chunk (2..1048576)", minimum=2, maximum=1 << 20, marker=True,
            default_text="by mode: short 512, long 2048, file 512"),
-    Option("n-chunks", int, None, "first N records (short, file) or at most N chunks (long)", minimum=1,
-           marker=True, default_text="all; long 32"),
-    Option("chunk-tokens", int, 512, "tokens per forward pass within a chunk (0: the whole chunk)", minimum=0,
-           marker=True),
+    Option("n-chunks", int, None, "first N records (short, file) or at most N chunks (long) (1..1048576)", minimum=1,
+           maximum=1 << 20, marker=True, default_text="all; long 32"),
+    Option("chunk-tokens", int, 512, "tokens per forward pass within a chunk (0: the whole chunk; at most 1048576)",
+           minimum=0, maximum=1 << 20, marker=True),
     Option("exec", str, "auto", "execution precision: auto, native or float32 (dequantised; fast on a CPU)",
            choices=("auto", "native", "float32"), marker=True),
     Option("vocab-backend", str, "auto", "where a reference build does the vocabulary-wide work (log-softmax, "
@@ -72,7 +74,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("markdown", str, None, "write the leaderboard as Markdown, e.g. $GITHUB_STEP_SUMMARY (appended to)"),
     Option("chart", str, None, "write a PNG chart of mean KLD against bits per weight"),
     Option("lock-timeout", int, 600, "seconds to wait for another process's reference build once it shows no "
-           "sign of life", minimum=1),
+           "sign of life (1..604800, a week)", minimum=1, maximum=604800),
     Option("rebuild", bool, False, "rebuild the reference cache once, even if a valid one exists"),
     Option("by-category", bool, False, "add mean KLD per corpus category to the leaderboard"),
     Option("no-chat-template", bool, False, "short mode: feed prompts as plain text, not through the chat template"),
@@ -87,13 +89,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("baseline-fail", str, "mean:5%,p99:10%", "how much worse than its baseline a quant may be, beyond "
            "noise, before it fails: FIGURE:VALUE[%],... (figures mean, median, p90, p95, p99, p99_9; "
            "%: relative, else nats)", marker=True),
-    Option("full-hash", bool, False, "fingerprint weights by their full contents (sha256-full), not headers, sizes "
-           "and a 4 MiB sample per file (sha256-sample, which can miss an edit of a few bytes); reads every byte"),
+    Option("full-hash", bool, False, "re-read every byte of the weights for their sha256-full fingerprint now, "
+           "trusting no remembered hash and no hub blob name (the same fingerprint; slower)"),
     Option("hosts", str, None, "build the reference cache over MLX's distributed engine (mlx.launch) on these "
            "hosts: an mlx.launch hostfile (JSON) or comma-separated IPs, the first being this machine; the reference "
            "is sharded by mlx-lm", default_text="none: this machine only"),
     Option("ranks", int, 1, "processes per host of a distributed reference build (2 and no hosts: two ranks "
-           "on this machine)", minimum=1),
+           "on this machine; 1..256)", minimum=1, maximum=256),
     Option("backend", str, None, "mlx.launch backend of a distributed reference build",
            choices=("ring", "jaccl", "jaccl-ring", "mpi"), default_text="the hostfile's, else ring"),
     Option("shard-quants", bool, False, "run each compared model sharded over the same ranks too (a quant too "
@@ -146,9 +148,16 @@ def check(dest: str, value, label: str, *, marker: bool = False) -> str | None:
             return f"{label} {value!r}: must be a whole number"
         if value < low:
             return f"{label} must be at least {o.minimum}, got {value}"
+        if o.maximum is not None and value > o.maximum:
+            return f"{label} must be at most {o.maximum}, got {_short_int(value)}"
     if o.choices and value not in o.choices:
         return f"{label}{'=' if marker else ' '}{value!r}: choose {one_of(o.choices)}"
     return None
+
+
+def _short_int(value: int) -> str:
+    text = str(value)
+    return text if len(text) <= 24 else f"{text[:12]}... ({len(text)} digits)"
 
 
 def real_number(value) -> float | None:

@@ -167,9 +167,11 @@ class ReferenceCache:
 
         if not mpath.is_file() or not apath.is_file():
             raise bad(f"missing {MANIFEST if not mpath.is_file() else ARRAYS}")
+        from .files import UnreadableFile, read_json
+
         try:
-            manifest = json.loads(mpath.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            manifest = read_json(mpath, MANIFEST_BYTES)
+        except (OSError, UnreadableFile) as e:
             raise bad(f"{MANIFEST} does not parse ({e})") from None
         if not isinstance(manifest, dict):
             raise bad(f"{MANIFEST} is not an object")
@@ -187,6 +189,9 @@ class ReferenceCache:
             missing = [k for k in keys if k not in manifest[part]]
             if missing:
                 raise bad(f"{MANIFEST} {part} lacks {', '.join(missing)}")
+        why = _foreign_fields(manifest)
+        if why:
+            raise bad(f"{MANIFEST} {why}")
         key = manifest.get("key")
         if key != sha256_json(manifest.get("key_material")):
             raise bad("its key does not match its settings")
@@ -262,6 +267,57 @@ def _check_arrays(manifest: dict, arrays: dict, bad) -> None:
     cats = arrays["chunk_category"]
     if c and (int(cats.min()) < 0 or int(cats.max()) >= len(manifest["categories"])):
         raise bad("chunk categories out of range")
+
+
+MANIFEST_BYTES = 64 << 20
+MAX_COUNT = 1 << 40  # any count or size in a manifest; a larger one is not a cache's
+# Manifest fields that become a path, a number or a choice: (dotted name, allowed values or a
+# (type, low, high) range). A cache from elsewhere is untrusted input: anything else is refused.
+_FIELDS = (
+    ("corpus.mode", ("short", "long", "file", "drift")),
+    ("settings.exec", ("native", "float32")),
+    ("settings.vocab_backend", ("numpy", "mlx", None)),
+    ("settings.top_k", (int, 1, 1 << 20)),
+    ("settings.chunk_tokens", (int, 0, 1 << 20)),
+    ("corpus.drift_tokens", (int, 0, 4096)),
+    ("vocab_size", (int, 1, 1 << 24)),
+    ("tokenizer_size", (int, 1, 1 << 24)),
+    ("arrays_bytes", (int, 0, MAX_COUNT)),
+    ("positions", (int, 0, MAX_COUNT)),
+    ("created_at", (float, 0, 1e11)),
+    ("build_seconds", (float, 0, 1e9)),
+)
+
+
+def _foreign_fields(manifest: dict) -> str | None:
+    """Why a manifest's fields cannot be a build's (one phrase), or None: a mode, exec or backend
+    outside its choices, the corpus mode not the key's, a number of the wrong type or range, a
+    token id that is not one, or text holding control characters (ANSI escapes for a terminal)."""
+    for dotted, allowed in _FIELDS:
+        value, present = manifest, True
+        for part in dotted.split("."):
+            present = isinstance(value, dict) and part in value
+            value = value.get(part) if present else None
+        if present and isinstance(allowed[0], type):
+            kind, low, high = allowed
+            number = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
+            if not number or not low <= value <= high:
+                return f"has {dotted} = {_shown(value)}, not {'a number' if kind is float else 'an integer'} in {low}..{high}"
+        elif present and value not in allowed:
+            return f"has {dotted} = {_shown(value)}, not one of {', '.join(str(a) for a in allowed if a)}"
+    corpus, keyed = manifest.get("corpus"), manifest["key_material"].get("corpus")
+    if not isinstance(corpus, dict) or not isinstance(keyed, dict) or corpus.get("mode") != keyed.get("mode"):
+        return "has a corpus mode that is not its key's"
+    if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < MAX_COUNT for t in manifest["tokenizer_probe"]):
+        return "has a tokenizer_probe that is not a list of token ids"
+    from .files import control_text
+    bad_text = control_text(manifest)
+    return f"holds control characters in {bad_text} (text for a terminal)" if bad_text else None
+
+
+def _shown(value) -> str:
+    text = "".join(c if c.isprintable() else "?" for c in repr(value))
+    return text if len(text) <= 40 else text[:36] + "..."
 
 
 # Value checks: what every reference distribution satisfies. Log-probs are float32 from a

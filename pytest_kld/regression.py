@@ -146,7 +146,7 @@ def gate(settings: dict, nodeid: str, slot: str, result, spec) -> tuple[dict | N
             return {"verdict": "not recorded", "why": str(e)}, str(e)
     path = slot_path(directory, nodeid, slot)
     try:
-        base = load(path)
+        base = load(path, nodeid)
     except FileNotFoundError:
         return {"verdict": "missing", "path": str(path)}, (
             f"no KLD baseline for {slot} in {nodeid}: {path} does not exist; {UPDATE_HINT}, "

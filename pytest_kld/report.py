@@ -241,8 +241,11 @@ def header_fields(rows: list[dict]) -> dict:
 
 
 def header_line(rows: list[dict]) -> str:
-    """The leaderboard's header: direction, reference, mode, positions scored, K, exec, vocab work."""
-    return "  ".join([DIRECTION, *(f"{k}: {v}" for k, v in header_fields(rows).items())])
+    """The leaderboard's header: direction, reference, mode, positions scored, K, exec, vocab work;
+    then, on a line of its own, the BLAS the comparisons ran on and why others were refused."""
+    head = "  ".join([DIRECTION, *(f"{k}: {v}" for k, v in header_fields(rows).items())])
+    blas = list(dict.fromkeys(r["blas"] for r in rows if r.get("blas")))
+    return head + "".join(f"\nBLAS: {b}" for b in blas)
 
 
 def category_means(rows: list[dict]) -> tuple[list[str], list[tuple[dict, list[tuple[object, bool]]]]]:

@@ -60,7 +60,12 @@ def open_reference(
     from .reference import ReferenceCache, Settings
 
     if s.get("reference_cache") or is_cache_dir(s["reference"]):
+        from .cache import settings_conflict
+
         cache = ReferenceCache.load(travelling_cache(s.get("reference_cache") or s["reference"], s["mode"]))
+        why = settings_conflict(cache, s)
+        if why:
+            raise KldError(f"{why}; drop the option or give a cache built with it")
         _say_reused(cache, notify)
         return cache
     built: list = []
@@ -113,9 +118,11 @@ def travelling_cache(where: str, mode: str) -> Path:
 
 
 def _entry_mode(entry: Path) -> str | None:
+    from .files import read_json
+
     try:
-        return (json.loads((entry / "manifest.json").read_text()).get("corpus") or {}).get("mode")
-    except (OSError, ValueError, AttributeError):
+        return (read_json(entry / "manifest.json", 64 << 20).get("corpus") or {}).get("mode")
+    except (OSError, KldError, AttributeError):
         return None
 
 
@@ -152,6 +159,7 @@ def row(result, outcome: str | None = None, thresholds: dict | None = None) -> d
 
     r = json.loads(json.dumps(result_row(result, outcome), default=_jsonable))
     ref, corpus = result.reference, result.settings.get("corpus") or {}
+    r["blas"] = result.settings.get("blas")  # the BLAS this comparison ran on (pytest_kld/blas.py)
     r["cache"] = {  # which reference cache: a baseline or a merge refuses rows of another
         **(result.settings.get("cache") or {}),
         "reference_fingerprint": ref.get("fingerprint"),
@@ -217,11 +225,12 @@ def baselines_dir(given, root, update: bool) -> str | None:
 
 def output_paths(s: dict, prefix: str = "--kld-") -> None:
     """Fail now, not after an hour of comparisons, when a report's directory does not exist."""
+    from .files import check_target
+
     for name in ("json", "markdown", "chart"):
-        if s.get(name):
-            parent = os.path.dirname(os.path.abspath(os.path.expanduser(s[name])))
-            if not os.path.isdir(parent):
-                raise KldError(f"{prefix}{name} {s[name]}: directory {parent} does not exist")
+        why = check_target(s[name]) if s.get(name) else None
+        if why:
+            raise KldError(f"{prefix}{name} {s[name]}: {why}")
 
 
 def write_reports(s: dict, rows: list[dict]) -> None:
@@ -283,6 +292,9 @@ def _versions() -> dict:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
             out[pkg] = None
+    from .blas import prefer_system_blas
+
+    out["blas"] = prefer_system_blas()  # the library chosen and why others were refused
     return out
 
 

@@ -129,7 +129,8 @@ class KldSession:
             tr.write_line(header_line(self.final_rows))
             for line in leaderboard_lines(self.final_rows, by_category=bool(self.settings.get("by_category"))):
                 tr.write_line(line)
-            recorded = [r for r in self.final_rows if (r.get("baseline") or {}).get("verdict") == "recorded"]
+            recorded = {r["baseline"].get("path") for r in self.rows  # every slot, not one per model
+                        if (r.get("baseline") or {}).get("verdict") == "recorded"}
             if recorded:
                 tr.write_line(f"pytest-kld: {len(recorded)} baseline(s) recorded under {self.settings.get('baselines')}; "
                               "commit them, and later runs gate each quant against its own")

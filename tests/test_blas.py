@@ -1,6 +1,7 @@
-"""Native code is never loaded from a path the working directory can influence (issue 10): a
-``cmeel.prefix/lib/libopenblas.so.0`` (with a matching dist-info) planted in the working
-directory or next to the tests, both on sys.path under ``python -m`` and pytest, is not loaded."""
+"""Which BLAS MLX runs on. Native code is never loaded from a path the working directory can
+influence (issue 10): a ``cmeel.prefix/lib/libopenblas.so.0`` (with a matching dist-info) planted
+in the working directory or next to the tests, both on sys.path under ``python -m`` and pytest, is
+not loaded. The chooser (issue 22) and its run under an emulated CPU are in test_blas_choice.py."""
 
 from __future__ import annotations
 
@@ -66,8 +67,8 @@ def test_a_relative_blas_path_is_refused(planted_dir, monkeypatch):
 
 
 THREADS = (
-    "import ctypes; from pytest_kld.blas import prefer_system_blas; d = prefer_system_blas();"
-    "print(ctypes.CDLL(d.split(' ', 1)[1]).openblas_get_num_threads() if d.startswith('OpenBLAS ') else d)"
+    "import ctypes; from pytest_kld.blas import bound_path, prefer_system_blas; d = prefer_system_blas();"
+    "print(ctypes.CDLL(bound_path()).openblas_get_num_threads() if bound_path() else d)"
 )
 
 

@@ -26,6 +26,14 @@ def test_cli_prints_the_leaderboard_and_json(tiny_model, tmp_path):
     doc = json.loads(out.read_text())
     means = {r["path"]: r["mean"] for r in doc["results"]}
     assert 0 < means[str(q8)] < means[str(q3)]
+    # The BLAS the comparisons ran on (issue 22): under the header, in each row, in versions.
+    from pytest_kld.blas import machine
+
+    blas_lines = [ln for ln in lines if ln.startswith("BLAS: ")]
+    assert len(blas_lines) == 1 and lines[1] == blas_lines[0]
+    assert {r["blas"] for r in doc["results"]} == {blas_lines[0][len("BLAS: "):]} == {doc["versions"]["blas"]}
+    if sys.platform.startswith("linux") and machine() in ("x86_64", "aarch64"):
+        assert "OpenBLAS" in doc["versions"]["blas"] or "mlx bundled" in doc["versions"]["blas"]
     # The leaderboard lists the better quant first.
     assert p.stdout.index(str(q8.name)) < p.stdout.index(str(q3.name))
 
@@ -94,7 +102,7 @@ def test_cli_threshold_exit_1_strict_versioned_json_and_progress(tiny_model, tmp
     assert r["margins"]["nonfinite"] == 0
     entry = Path(r["cache"]["path"])
     assert json.loads((entry / "manifest.json").read_text())["key"] == r["cache"]["key"]
-    assert r["cache"]["corpus_sha256"] and r["cache"]["reference_fingerprint"].startswith("sha256-sample:")
+    assert r["cache"]["corpus_sha256"] and r["cache"]["reference_fingerprint"].startswith("sha256-full:")
     # the same within budget: exit 0, and the cache is reused (said so), not rebuilt
     p = run(ref, q3, "--mean", 10, "--n-chunks", 3, "--top-k", 16, "--cache-dir", tmp_path / "c")
     assert p.returncode == 0, p.stderr

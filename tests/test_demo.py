@@ -53,3 +53,18 @@ def test_demo_ranks_quants_by_bits(demo_run):
     # Same ordering on the tail, where damage concentrates.
     p99 = [rows[q]["p99"] for q in QUANTS]
     assert p99[0] < p99[1] < p99[3]
+
+
+def test_demo_writes_each_quants_model_card(demo_run):
+    from huggingface_hub import ModelCard
+
+    from pytest_kld.card import CHART_NAME, START
+
+    proc, out = demo_run
+    rows = {r["model"]: r for r in json.loads((out / "results.json").read_text())["results"]}
+    for q in QUANTS:
+        card = out / "cards" / q / "README.md"
+        assert f"card      {q}" in proc.stdout and START in card.read_text()
+        means = [r.metric_value for r in ModelCard.load(card).data.eval_results if r.metric_type == "kl_divergence"]
+        assert means == [rows[q]["mean"]], q
+        assert (out / "cards" / q / CHART_NAME).read_bytes() == (out / "kld-demo-chart.png").read_bytes()

@@ -67,22 +67,38 @@ def test_two_ranks_build_the_single_process_cache(tiny_model, spec, tmp_path, ar
     prov = two.manifest["distributed"]
     assert (prov["ranks"], prov["strategy"], prov["backend"], prov["hosts"]) == (2, strategy, "ring", ["127.0.0.1"])
     assert "distributed" not in one.manifest and "distributed" not in json.dumps(two.manifest["key_material"])
+    # exact by construction: the token ids fed and the positions scored
     assert np.array_equal(two.tokens, one.tokens) and np.array_equal(two.score_ranges, one.score_ranges)
-    assert np.array_equal(two.topk_ids, one.topk_ids)
-    # pipeline runs each rank's layers as one process would: bit-identical here; tensor parallel
-    # sums partial products across ranks in another order: float32 rounding (~2e-5 nats)
+    # float32 rounding: tensor parallel sums partial products across ranks in another order, and a
+    # rank's BLAS runs other thread counts (so other blockings) than one process: log-probs agree
+    # to ~1e-5 nats, and top-K ids may swap only between log-probs that tie within that
     for name in ("topk_logprobs", "tail", "target"):
         np.testing.assert_allclose(getattr(two, name), getattr(one, name), rtol=0, atol=1e-4, err_msg=name)
+    assert_same_top_k(two, one, atol=1e-4)
     assert heard[0][0] == 0 and heard[-1][0] == heard[-1][1] > 0  # rank 0's progress reached us
     # the entry is an ordinary one: it reopens, and the reference (run in one process) against
-    # it reads 0: exactly for pipeline (the same arithmetic), to float32 rounding for tensor parallel
+    # it reads 0 to float32 rounding
     again = ensure_reference(model, spec, S, cache_dir=tmp_path / "two", on_build=pytest.fail)
     assert again.path == two.path
     result = compare(ReferenceCache.load(two.path), model)
-    if strategy == "pipeline":
-        assert result.summary["mean"] == 0.0 and result.summary["max"] == 0.0
-    else:
-        assert 0.0 <= result.summary["mean"] < 1e-7 and result.summary["max"] < 1e-5
+    assert 0.0 <= result.summary["mean"] < 1e-7 and result.summary["max"] < 1e-5
+
+
+def assert_same_top_k(a, b, atol: float) -> None:
+    """Row by row, the same top-K record up to float32 rounding: an id kept by one side and not
+    the other sits at the cut (within ``atol`` of the other side's K-th log-prob), a shared id has
+    the same log-prob within ``atol``, and such differences are rare (a wrong row differs in most)."""
+    differing = 0
+    for i in range(len(a.topk_ids)):
+        la = dict(zip(a.topk_ids[i].tolist(), a.topk_logprobs[i].tolist()))
+        lb = dict(zip(b.topk_ids[i].tolist(), b.topk_logprobs[i].tolist()))
+        for t in la.keys() & lb.keys():
+            assert abs(la[t] - lb[t]) <= atol, (i, t)
+        for mine, other in ((la, lb), (lb, la)):
+            for t in mine.keys() - other.keys():
+                assert mine[t] <= min(other.values()) + atol, (i, t)
+        differing += not np.array_equal(a.topk_ids[i], b.topk_ids[i])
+    assert differing <= max(2, len(a.topk_ids) // 50), differing
 
 
 def test_a_quant_compared_over_two_ranks_reads_as_in_one_process(tiny_model, spec, tmp_path):
@@ -91,11 +107,14 @@ def test_a_quant_compared_over_two_ranks_reads_as_in_one_process(tiny_model, spe
     cache = ensure_reference(ref, spec, S, cache_dir=tmp_path)
     here, there = compare(cache, q8), compare(cache, q8, launch=TWO)
     assert there.summary["mean"] > 0.01  # a real quant, not the reference
+    # float32 rounding (the ranks' BLAS runs other thread counts than one process): per position
+    # ~1e-4 nats at most (seen: 1.1e-4 with one OpenBLAS), the mean far closer
     for name in ("kl", "ref_target", "quant_target"):
-        np.testing.assert_allclose(getattr(there, name), getattr(here, name), rtol=1e-6, atol=1e-9, err_msg=name)
-    assert np.array_equal(there.top1, here.top1) and there.exec == here.exec == "float32"
+        np.testing.assert_allclose(getattr(there, name), getattr(here, name), rtol=1e-3, atol=5e-4, err_msg=name)
+    assert abs(there.summary["mean"] - here.summary["mean"]) < 1e-5
+    assert np.mean(there.top1 != here.top1) < 0.01 and there.exec == here.exec == "float32"
     itself = compare(cache, ref, launch=TWO)
-    assert itself.is_reference and itself.summary["mean"] == 0.0 and itself.summary["max"] == 0.0
+    assert itself.is_reference and 0.0 <= itself.summary["mean"] < 1e-7 and itself.summary["max"] < 1e-5
 
 
 def test_a_rank_killed_mid_build_leaves_nothing_trusted(tiny_model, spec, tmp_path):
@@ -139,7 +158,9 @@ def test_a_host_that_cannot_be_reached_is_one_line(tiny_model, spec, tmp_path):
     assert "\n" not in message
     assert "rank 1 on kld-no-such-host.invalid exited with code 255 (255 is ssh's" in message
     assert message.endswith("no cache entry was written")
-    assert list(root.rglob("*")) == []
+    from pytest_kld.fingerprint import MEMO_FILE  # the reference's remembered hash may stay: it is true
+
+    assert [p for p in root.rglob("*") if p.name != MEMO_FILE] == []
 
 
 def test_launch_settings_and_command(tmp_path):
@@ -236,5 +257,6 @@ def test_cli_compare_with_everything_sharded(tiny_model, tmp_path):
     def means(name):
         return [r["summary"]["mean"] for r in json.loads((tmp_path / name).read_text())["results"]]
 
-    assert means("two.json") == pytest.approx(means("one.json"), rel=1e-6, abs=1e-12)
+    # float32 rounding: the ranks' BLAS runs other thread counts (other blockings) than one process
+    assert means("two.json") == pytest.approx(means("one.json"), rel=1e-4, abs=1e-5)
     assert means("two.json")[-1] > 0.01

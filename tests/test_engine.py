@@ -87,9 +87,11 @@ def _logprobs_full_call(model, ids, start, end, chunk_tokens):
 
 
 @pytest.mark.parametrize("bits", [None, 4])
-def test_scored_rows_only_equal_the_full_call_bit_for_bit(arch, tiny_model, bits):
-    """Logits at scored rows only, with the next piece started asynchronously, give exactly the
-    log-probs of the model's own full call (issue 13: not a single result changes)."""
+def test_scored_rows_only_equal_the_full_call_to_float32_rounding(arch, tiny_model, bits):
+    """Logits at scored rows only, with the next piece started asynchronously, give the log-probs
+    of the model's own full call up to float32 rounding. Not bit for bit on every BLAS: the output
+    layer then multiplies fewer rows, and how a BLAS blocks a matrix product (so in which order it
+    adds) depends on its shape, its build and the CPU (3.6e-5 seen on qwen3_5 with one OpenBLAS)."""
     from pytest_kld.forward import _output_split
 
     lm = load_model(tiny_model(arch, bits=bits), "float32")
@@ -100,7 +102,10 @@ def test_scored_rows_only_equal_the_full_call_bit_for_bit(arch, tiny_model, bits
         got = chunk_logprobs(lm.model, ids, start, n - 1, chunk_tokens=ct)
         want = _logprobs_full_call(lm.model, ids, start, n - 1, ct or n)
         assert got.shape == want.shape
-        np.testing.assert_allclose(got, want, rtol=0, atol=2e-5)  # float32 rounding of small-matrix BLAS kernels
+        # log-probs of a few to ~20 nats, sums over the hidden size: a few float32 ulps of the
+        # largest term, with room for another summation order (not a tolerance for a wrong row:
+        # a row off by one position differs by whole nats)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-4)
 
 
 def _dense(model_path, cache):

@@ -54,39 +54,36 @@ def edit_weights_keep_size_and_mtime(model_dir) -> None:
     assert f.stat().st_size == st.st_size and f.stat().st_mtime_ns == st.st_mtime_ns
 
 
-def test_full_hash_is_a_separate_cache_entry(ref_copy, prose_spec, tmp_path):
+def test_full_hash_is_the_same_identity_read_again(ref_copy, prose_spec, tmp_path):
+    """Issue 23: one exact identity. --kld-full-hash re-reads every byte (trusting no remembered
+    hash) and gives the same fingerprint, so the same cache entry."""
     fast = plan_reference(ref_copy, prose_spec, SETTINGS, cache_dir=tmp_path / "c")
     full = plan_reference(ref_copy, prose_spec, SETTINGS, cache_dir=tmp_path / "c", full_hash=True)
-    assert fast.fingerprint.startswith("sha256-sample:") and full.fingerprint.startswith("sha256-full:")
-    assert fast.key != full.key and fast.entry != full.entry
-    assert full.key_material["reference_fingerprint"] == full.fingerprint
+    assert fast.fingerprint.startswith("sha256-full:") and full.fingerprint == fast.fingerprint
+    assert fast.key == full.key and full.key_material["reference_fingerprint"] == full.fingerprint
 
     cache = ensure_reference(ref_copy, prose_spec, SETTINGS, cache_dir=tmp_path / "c", full_hash=True)
     assert cache.path == full.entry
     assert cache.manifest["reference"]["fingerprint"] == weights_fingerprint(ref_copy, full=True)
-    manifest = json.loads((full.entry / "manifest.json").read_text())
-    assert manifest["reference"]["fingerprint"].startswith("sha256-full:")
-
-    # compare fingerprints the model the way the cache's reference was, so the reference is itself
-    r = compare(cache, ref_copy)
-    assert r.fingerprint == cache.manifest["reference"]["fingerprint"] and r.is_reference
-    r = compare(cache, ref_copy, full_hash=False)  # asked for the fast kind: still recognised
-    assert r.fingerprint.startswith("sha256-sample:") and r.is_reference
+    for kind in (None, False, True):
+        r = compare(cache, ref_copy, full_hash=kind)
+        assert r.fingerprint == cache.manifest["reference"]["fingerprint"] and r.is_reference
 
 
 def test_a_same_size_edit_with_its_mtime_restored_gets_its_own_entry(ref_copy, prose_spec, tmp_path):
     """Fingerprints read content, never times: an edit of tensor data that keeps the size, the
-    header and the mtime is a new cache entry for both kinds (a tiny file is sampled whole)."""
+    header and the mtime is a new cache entry (the remembered hash is keyed by the change time
+    too, which an edit always moves), with and without --kld-full-hash."""
     builds = []
     kw = dict(cache_dir=tmp_path / "c", on_build=builds.append)
     before_sample = ensure_reference(ref_copy, prose_spec, SETTINGS, **kw)
     before_full = ensure_reference(ref_copy, prose_spec, SETTINGS, full_hash=True, **kw)
-    assert len(builds) == 2
+    assert len(builds) == 1 and before_full.path == before_sample.path
 
     edit_weights_keep_size_and_mtime(ref_copy)
     after_sample = ensure_reference(ref_copy, prose_spec, SETTINGS, **kw)
     after_full = ensure_reference(ref_copy, prose_spec, SETTINGS, full_hash=True, **kw)
-    assert len(builds) == 4  # both rebuilt for the edited weights
+    assert len(builds) == 2  # rebuilt once for the edited weights
     assert after_sample.manifest["key"] != before_sample.manifest["key"]
     assert after_full.manifest["key"] != before_full.manifest["key"]
 
@@ -171,7 +168,7 @@ def _manifests(pytester) -> list[dict]:
 def test_full_hash_option_and_ini_key_reach_json_rows_and_manifest(pytester, llama_models):
     _, fast = _run(pytester, llama_models)
     assert len(fast["results"]) == 3
-    assert all(r["fingerprint"].startswith("sha256-sample:") for r in fast["results"])
+    assert all(r["fingerprint"].startswith("sha256-full:") for r in fast["results"])
     assert fast["settings"]["full_hash"] is False
 
     _, full = _run(pytester, llama_models, "--kld-full-hash")
@@ -184,12 +181,12 @@ def test_full_hash_option_and_ini_key_reach_json_rows_and_manifest(pytester, lla
     assert by["llama"]["is_reference"] and not by["llama-q8-g64"]["is_reference"]
     assert by["llama-q4-g64"]["info"]["base_bits"] == 4 and by["llama"]["info"]["quantized"] is False
     kinds = sorted(m["reference"]["fingerprint"].split(":")[0] for m in _manifests(pytester))
-    assert kinds == ["sha256-full", "sha256-sample"]  # two cache entries, one of each kind
+    assert kinds == ["sha256-full"]  # one identity: the same cache entry, read again
 
     pytester.makeini("[pytest]\nkld_full_hash = true\n")
     _, ini = _run(pytester, llama_models)
     assert all(r["fingerprint"].startswith("sha256-full:") for r in ini["results"])
-    assert len(_manifests(pytester)) == 2  # the full-hash entry was reused, not rebuilt
+    assert len(_manifests(pytester)) == 1  # the entry was reused, not rebuilt
 
 
 def test_help_lists_full_hash_with_its_ini_key(pytester, monkeypatch):

@@ -220,7 +220,9 @@ def leftovers(root: Path) -> list[str]:
 
 
 def child_env() -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    # pytest's own variables stay behind (PYTEST_XDIST_WORKER, PYTEST_CURRENT_TEST...); a user's
+    # PYTEST_KLD_* settings (PYTEST_KLD_BLAS among them) reach the child as they reach the plugin.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_") or k.startswith("PYTEST_KLD_")}
     env["PYTHONDONTWRITEBYTECODE"] = "1"
     return env
 

@@ -86,10 +86,11 @@ def test_auto_with_a_gpu_times_both_and_keeps_the_clearly_faster():
 
 
 def _old_sparsify(lp, targets, k):
-    """The selection as it was before top_k_ids (argpartition of the whole row, then a stable
-    sort of the K values): the figures every existing cache was built with."""
-    idx = np.argpartition(-lp, k - 1, axis=-1)[:, :k]
-    idx = np.take_along_axis(idx, np.argsort(-np.take_along_axis(lp, idx, axis=-1), axis=-1, kind="stable"), axis=-1)
+    """The selection as specified, computed the plain way: a stable sort of the whole row, so equal
+    log-probs are ordered (and cut at K) by lower token id. (The argpartition this replaced left
+    ties in whatever order numpy's partition kernel returns them, which differs between CPUs: its
+    SIMD kernels on AVX-512 and AVX2 machines order ties differently.)"""
+    idx = np.argsort(-lp, axis=-1, kind="stable")[:, :k]
     rest = lp.copy()
     np.put_along_axis(rest, idx, -np.inf, axis=-1)
     return idx, np.take_along_axis(lp, idx, axis=-1), logsumexp(rest)
