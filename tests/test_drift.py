@@ -354,3 +354,15 @@ def test_a_wider_quant_is_picked_over_its_whole_output_and_scored_as_in_prefill(
     p = compare(prefill, wide)
     assert widths and set(widths) == {384} and cache.manifest["vocab_size"] == 320
     assert p.drift is None and r.drift is not None and np.array_equal(r.kl, p.kl) and np.all(np.isfinite(r.kl))
+
+
+def test_near_ties_are_named_under_the_drift_section_only_when_there_are_some():
+    row = {"drift_tokens": 8, "drift_match": 3.0, "drift_match_strict": 2.0, "drift_ties": 1}
+    rows = [{"model": "q8", "summary": {**row, "drift_near_ties": 0}},
+            {"model": "q|4", "summary": {**row, "drift_near_ties": 2}}]
+    text = drift.lines(rows)
+    assert text[-1].startswith("near-ties (the quant's own top-2 within 0.001 nats") and text[-1].endswith(": q|4 2")
+    md = drift.markdown_lines(rows)
+    assert any(line.startswith("near-ties") and line.endswith("q\\|4 2") for line in md)
+    rows[1]["summary"]["drift_near_ties"] = 0
+    assert not [line for line in drift.lines(rows) + drift.markdown_lines(rows) if "near-ties" in line]
