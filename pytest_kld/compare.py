@@ -44,6 +44,7 @@ class KldResult:
     chunk_category: np.ndarray | None = None  # int32 [N] category index of each position
     chunk: np.ndarray | None = None  # int32 [N] chunk (prompt) index of each position: the cluster
     max_at: dict | None = None  # where the largest KL sits (chunk, position, token, next_token)
+    drift: dict | None = None  # drift mode, per prompt: match, match_strict, ties, near, length (drift.follow)
 
     @property
     def direction(self) -> str:
@@ -134,6 +135,7 @@ def compare(
         seconds=time.time() - t0, kl=kl, top1=top1, ref_target=ref_t, quant_target=q_t, chunk_category=per_pos_cat,
         chunk=per_pos_chunk,
         max_at=cache.position_of(summary["argmax"]) if summary.get("argmax") is not None else None,
+        drift=followed,
     )
 
 
@@ -170,20 +172,25 @@ def run_passes(cache: ReferenceCache, path, name: str, exec_mode: str, chunk_tok
                 "it cannot be compared over the reference's vocabulary"
             )
         backend = cache.manifest["settings"].get("vocab_backend", "numpy")  # the build's: self-comparison is 0
+        # drift mode: the quant's greedy pick at every step, over its whole output (drift.follow)
+        picks = [] if (cache.manifest.get("corpus") or {}).get("mode") == "drift" else None
         parts = []
         # vocab=None: the quant's log-softmax runs over its WHOLE output, padding rows included, so
         # mass it puts on ids the reference never predicts lowers its log-probs at the reference's
         # ids (damage), and an argmax there is a top-1 disagreement (divergence.compare_rows)
         for i, row, lg in iter_corpus_logprobs(lm.model, chunks, ranges, chunk_tokens=chunk_tokens,
                                                vocab=None, progress=progress, raw=True):
+            if picks is not None:
+                from .drift import greedy_picks
+
+                picks.append(greedy_picks(lg))
             parts.append(position_stats(cache.rows(i, row, row + int(lg.shape[0])), lg, backend))
             del lg  # one piece's logits alive at a time (forward.iter_chunk_logprobs)
-        followed = None
-        if (cache.manifest.get("corpus") or {}).get("mode") == "drift":  # its own greedy continuations
-            from .drift import follow
+        if picks is None:
+            return parts, lm.exec, None
+        from .drift import follow
 
-            followed = follow(lm.model, cache)
-        return parts, lm.exec, followed
+        return parts, lm.exec, follow(cache, picks)
     finally:
         lm.release()
 

@@ -6,20 +6,30 @@ what the models *generate*:
 - **The reference's trajectory** (once, in the reference cache, as one more mode): each prompt
   (the short corpus's user turns through the chat template, with the generation prompt) is
   continued greedily by the reference for ``--kld-drift-tokens`` tokens (default 64; fewer when it
-  ends with an end-of-sequence token), with mlx-lm's ``generate_step`` and a KV cache. The
+  ends with an end-of-sequence token): all prompts at once, batched (mlx-lm's ``BatchGenerator``),
+  token for token what mlx-lm's unbatched ``generate_step`` gives (:func:`continuations`). The
   prompt + continuation is then an ordinary cache chunk whose scored positions are the
   continuation's: the reference's top-K record at every generated step, the same format,
   validation and lock as any other mode.
 - **Trajectory KLD**: KL(reference ‖ quant) at each step along the reference's continuation,
   teacher-forced: the ordinary comparison of that chunk (one forward pass, the same numerics as
   prefill), reported by step bucket (early/middle/late thirds of the drift length).
-- **Match length**: the quant continues each prompt greedily on its own (``generate_step``); the
-  match length is the number of tokens before its first pick that differs from the reference's
-  (the whole continuation when none does). **Ties**: where the reference's own top-2 log-probs
-  at that step lie within :data:`TIE_NATS`, the reference was torn, and a differing pick there
-  is a tie, not a divergence: the quant is put back on the reference's token and goes on. The
-  headline (``drift_match``) counts ties as matches; ``drift_match_strict`` stops at the first
-  differing pick of any kind. Both, and the number of ties, are reported.
+- **Match length**: the number of tokens the quant's own greedy continuation keeps before its
+  first pick that differs from the reference's (the whole continuation when none does). **Ties**:
+  where the reference's own top-2 log-probs at that step lie within :data:`TIE_NATS`, the
+  reference was torn, and a differing pick there is a tie, not a divergence: the quant is put back
+  on the reference's token and goes on. The headline (``drift_match``) counts ties as matches;
+  ``drift_match_strict`` stops at the first differing pick of any kind. Both, and the number of
+  ties, are reported.
+
+Why match lengths need no generation: up to its first non-tie difference the quant's greedy path
+*is* the reference's, and after a forgiven tie it is put back on it; so at every step that counts
+the quant's context is ``prompt + reference continuation[:t]``, the teacher-forced context of the
+trajectory-KLD pass. Its greedy pick there is the argmax of that pass's logits at step t, over
+the quant's whole output (:func:`greedy_picks`), and :func:`follow` reads all three figures from
+them. The one difference from free generation is float rounding between an incremental KV-cache
+pass and a chunked one: where the quant's own top-2 lie within :data:`NEAR_NATS` a free run could
+pick the other one; such steps are counted (``drift_near_ties``), not hidden.
 """
 
 from __future__ import annotations
@@ -29,6 +39,11 @@ import math
 import numpy as np
 
 TIE_NATS = 1e-3  # reference top-2 log-probs closer than this: a differing greedy pick is a tie
+# A model's own top-2 closer than this: float rounding between two ways of computing the same step
+# (incremental vs chunked, batched vs alone) could swap them. Measured in float32 on SmolLM2-135M:
+# a log-prob differs by at most 2.0e-4 nats incremental vs chunked, 7.6e-5 incremental vs batched
+# (benchmarks/bench_drift.py), so a top-2 gap by at most twice that.
+NEAR_NATS = 1e-3
 BUCKETS = ("early", "middle", "late")
 
 
@@ -70,60 +85,137 @@ def greedy(model, prompt: list[int], max_tokens: int, eos: set[int] | None = Non
     return out
 
 
-def reference_corpus(model, tokenizer, spec, progress=None):
+def continuations(model, prompts: list[list[int]], max_tokens: int, eos: set[int] | None = None, *,
+                  batched: bool = True, progress=None) -> tuple[list[list[int]], int]:
+    """(each prompt's greedy continuation, how many were generated alone): :func:`greedy`'s
+    tokens, exactly, for every prompt.
+
+    ``batched``: all prompts through mlx-lm's ``BatchGenerator`` (greedy, per-prompt stop at an
+    end-of-sequence token), then every prompt whose batched run met a step with its top-2 within
+    :data:`NEAR_NATS` generated again alone with :func:`greedy`. Batched and alone the same step
+    differs by float rounding only (right padding, masks, another matmul shape; measured far below
+    NEAR_NATS in float32), and rounding can only swap two picks that close: elsewhere the two
+    paths pick the same token at every step. Half-precision logits round far coarser: callers batch
+    only in float32 (:func:`reference_corpus`). ``progress(done, total)`` hears finished prompts.
+    """
+    if max_tokens <= 0 or not prompts:
+        return [[] for _ in prompts], 0
+    if not batched:
+        out = []
+        for i, p in enumerate(prompts):
+            out.append(greedy(model, p, max_tokens, eos))
+            if progress is not None:
+                progress(i + 1, len(prompts))
+        return out, len(prompts)
+    tokens, margins = _batched(model, prompts, max_tokens, eos, progress)
+    alone = [i for i, m in enumerate(margins) if m < NEAR_NATS]
+    for i in alone:
+        tokens[i] = greedy(model, prompts[i], max_tokens, eos)
+    return tokens, len(alone)
+
+
+def _batched(model, prompts, max_tokens: int, eos, progress) -> tuple[list[list[int]], list[float]]:
+    """(tokens, the smallest top-2 log-prob gap met) of each prompt's batched greedy continuation;
+    the end-of-sequence token that stops one is kept, as :func:`greedy` keeps it."""
+    from mlx_lm.generate import BatchGenerator
+
+    gen = BatchGenerator(model, stop_tokens=[[t] for t in sorted(eos or ())] or None)
+    try:
+        uids = gen.insert([list(map(int, p)) for p in prompts], [int(max_tokens)] * len(prompts))
+        row = {u: i for i, u in enumerate(uids)}
+        tokens: list[list[int]] = [[] for _ in prompts]
+        margins = [math.inf] * len(prompts)
+        done = 0
+        while responses := gen.next_generated():
+            for r in responses:
+                i = row[r.uid]
+                tokens[i].append(int(r.token))
+                top2 = np.partition(np.asarray(r.logprobs, dtype=np.float32), -2)[-2:]
+                margins[i] = min(margins[i], float(top2[1] - top2[0]))
+                if r.finish_reason is not None:
+                    done += 1
+                    if progress is not None:
+                        progress(done, len(prompts))
+    finally:
+        gen.close()
+    return tokens, margins
+
+
+def reference_corpus(model, tokenizer, spec, progress=None, *, batched: bool = True):
     """The drift corpus: each prompt with the reference's greedy continuation as one chunk, the
-    continuation's positions scored (a :class:`~pytest_kld.tokens.TokenizedCorpus`)."""
+    continuation's positions scored (a :class:`~pytest_kld.tokens.TokenizedCorpus`).
+    ``batched``: generate all prompts at once (:func:`continuations`; the caller passes False for
+    half-precision execution, where batching is not token-exact)."""
     from .tokens import TokenizedCorpus, corpus_identity
 
     eos = set(getattr(tokenizer, "eos_token_ids", None) or [])
     prompts = prompt_ids(spec, tokenizer)
-    chunks, ranges, cats, names = [], [], [], []
-    for i, (ids, cat, name) in enumerate(prompts):
-        cont = greedy(model, ids, spec.drift_tokens, eos)
-        chunks.append(np.asarray(ids + cont, dtype=np.int32))
-        ranges.append((len(ids) - 1, len(ids) - 1 + len(cont)))
-        cats.append(cat)
-        names.append(name)
-        if progress is not None:
-            progress(i + 1, len(prompts))
-    return TokenizedCorpus(chunks, ranges, cats, corpus_identity(spec, chunks, ranges), names)
+    conts, _ = continuations(model, [ids for ids, _, _ in prompts], spec.drift_tokens, eos,
+                             batched=batched, progress=progress)
+    chunks = [np.asarray(ids + cont, dtype=np.int32) for (ids, _, _), cont in zip(prompts, conts)]
+    ranges = [(len(ids) - 1, len(ids) - 1 + len(cont)) for (ids, _, _), cont in zip(prompts, conts)]
+    return TokenizedCorpus(chunks, ranges, [c for _, c, _ in prompts], corpus_identity(spec, chunks, ranges),
+                           [n for _, _, n in prompts])
 
 
-def follow(model, cache, progress=None) -> dict:
-    """The quant's own greedy continuation of every drift prompt against the reference's:
-    ``{"match", "match_strict", "ties", "length"}`` (int arrays, one per prompt)."""
+def greedy_picks(lg) -> tuple[np.ndarray, np.ndarray]:
+    """(argmax, gap between the two largest) of each row of a piece's logits [rows, W], over the
+    model's whole output width W: the greedy pick at each step, and how close it was. numpy, on a
+    view of the logits, block by block of rows (MLX's topk took ~10x longer on a CPU)."""
+    from .divergence import ROW_BLOCK
+
+    x = np.asarray(lg)
+    n = x.shape[0]
+    arg, gap = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.float32)
+    for lo in range(0, n, ROW_BLOCK):
+        block = x[lo : lo + ROW_BLOCK]
+        rows = np.arange(block.shape[0])
+        arg[lo : lo + ROW_BLOCK] = a = np.argmax(block, axis=-1)
+        rest = np.array(block, dtype=np.float32)  # a copy of one block: the view is only read
+        rest[rows, a] = -np.inf
+        gap[lo : lo + ROW_BLOCK] = block[rows, a] - rest.max(axis=-1)
+    return arg, gap
+
+
+def follow(cache, picks: list[tuple[np.ndarray, np.ndarray]]) -> dict:
+    """The quant's greedy run against the reference's continuation of every drift prompt, read from
+    its teacher-forced picks (:func:`greedy_picks` of each comparison piece, in cache row order):
+    ``{"match", "match_strict", "ties", "near", "length"}`` (int arrays, one per prompt)."""
+    arg = np.concatenate([a for a, _ in picks]) if picks else np.zeros(0, np.int64)
+    gap = np.concatenate([g for _, g in picks]) if picks else np.zeros(0, np.float32)
     n = cache.n_chunks
-    out = {k: np.zeros(n, dtype=np.int64) for k in ("match", "match_strict", "ties", "length")}
+    if arg.shape[0] != cache.n_positions:
+        raise ValueError(f"{arg.shape[0]} picks for {cache.n_positions} cached positions")
+    out = {k: np.zeros(n, dtype=np.int64) for k in ("match", "match_strict", "ties", "near", "length")}
     for i in range(n):
-        chunk = cache.chunk(i).tolist()
+        rows = slice(int(cache.row_offsets[i]), int(cache.row_offsets[i + 1]))
         start, end = (int(v) for v in cache.score_ranges[i])
-        prompt, ref = chunk[: start + 1], chunk[start + 1 : end + 1]
+        ref = cache.chunk(i)[start + 1 : end + 1]
         top = cache.rows(i).logprobs
         margin = top[:, 0] - top[:, 1] if top.shape[1] > 1 else np.full(len(ref), np.inf)
         out["length"][i] = len(ref)
-        out["match"][i], out["match_strict"][i], out["ties"][i] = _follow_one(model, prompt, ref, margin)
-        if progress is not None:
-            progress(i + 1, n)
+        figures = match_one(arg[rows], ref, margin, gap[rows])
+        out["match"][i], out["match_strict"][i], out["ties"][i], out["near"][i] = figures
     return out
 
 
-def _follow_one(model, prompt: list[int], ref: list[int], margin: np.ndarray) -> tuple[int, int, int]:
-    """(match length with ties forgiven, strict match length, ties) of one prompt."""
-    t, ties, strict = 0, 0, None
-    while t < len(ref):
-        mine = greedy(model, prompt + ref[:t], len(ref) - t)
-        same = 0
-        while same < len(mine) and mine[same] == ref[t + same]:
-            same += 1
-        t += same
-        if t >= len(ref):
-            break
-        strict = t if strict is None else strict
-        if margin[t] >= TIE_NATS:
-            return t, strict, ties
-        ties += 1
-        t += 1  # a tie: back on the reference's token
-    return len(ref), len(ref) if strict is None else strict, ties
+def match_one(picks: np.ndarray, ref: np.ndarray, ref_margin: np.ndarray,
+              pick_gap: np.ndarray) -> tuple[int, int, int, int]:
+    """(match length with ties forgiven, strict match length, ties, quant near-ties) of one prompt.
+
+    ``picks[t]``: the quant's greedy pick after ``prompt + ref[:t]``; ``ref_margin[t]``: the
+    reference's top-2 gap there; ``pick_gap[t]``: the quant's. The run goes on while it picks
+    ``ref[t]`` or the reference was torn (a tie, margin below :data:`TIE_NATS`); it stops at the
+    first other difference. Near-ties: steps the run looked at whose quant top-2 gap is below
+    :data:`NEAR_NATS` (there a free greedy run could have picked the other of the two)."""
+    length = len(ref)
+    differ = np.flatnonzero(np.asarray(picks) != np.asarray(ref))
+    strict = int(differ[0]) if differ.size else length
+    stops = differ[np.asarray(ref_margin)[differ] >= TIE_NATS]
+    match = int(stops[0]) if stops.size else length
+    ties = int(np.sum(differ < match))
+    near = int(np.sum(np.asarray(pick_gap)[: min(match + 1, length)] < NEAR_NATS))
+    return match, strict, ties, near
 
 
 def summarize(kl: np.ndarray, cache, followed: dict, drift_tokens: int) -> dict:
@@ -142,6 +234,9 @@ def summarize(kl: np.ndarray, cache, followed: dict, drift_tokens: int) -> dict:
         "drift_full_share": float(np.mean(match == length)) if len(match) else math.nan,
         "drift_full_share_strict": float(np.mean(strict == length)) if len(match) else math.nan,
         "drift_ties": int(np.sum(followed["ties"])),
+        # steps where the quant's own top-2 were within float rounding (NEAR_NATS): a free greedy run
+        # could have picked the other; the figures above took the teacher-forced pass's pick
+        "drift_near_ties": int(np.sum(followed.get("near", 0))),
         "drift_kld": float(np.mean(kl[np.isfinite(kl)])) if np.any(np.isfinite(kl)) else math.nan,
         "drift_tie_nats": TIE_NATS,
     }
@@ -174,7 +269,17 @@ def lines(rows: list[dict]) -> list[str]:
                "strict: not); KLD: KL(reference || quant) along the reference's continuation, by thirds"]
     for t in table:
         out.append("  ".join([t[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(t[1:], widths[1:])]))
-    return out
+    return out + _near_note(drift)
+
+
+def _near_note(drift: list[dict]) -> list[str]:
+    """A line naming the quants whose greedy picks were near-ties (nothing when none were)."""
+    near = [f"{r.get('model')} {r['summary']['drift_near_ties']}" for r in drift
+            if (r["summary"].get("drift_near_ties") or 0) > 0]
+    if not near:
+        return []
+    return [f"near-ties (the quant's own top-2 within {NEAR_NATS:g} nats, where a free greedy run could pick "
+            f"the other; matches read from the teacher-forced pass): {', '.join(near)}"]
 
 
 def _fmt(fmt: str, v) -> str:
@@ -197,4 +302,5 @@ def markdown_lines(rows: list[dict]) -> list[str]:
         s = r["summary"]
         name = str(r.get("model")).replace("|", "\\|")
         out.append(f"| {name} | " + " | ".join(_fmt(f, s.get(k)) for k, _, f in COLUMNS) + " |")
-    return [*out, ""]
+    note = [line.replace("|", "\\|") for line in _near_note(drift)]
+    return [*out, "", *([*note, ""] if note else [])]

@@ -51,7 +51,8 @@ def reference_pass(path, corpus_spec, *, top_k: int, chunk_tokens, exec_mode: st
     if corpus_spec.mode == "drift":  # the reference writes the text: its greedy continuations
         from .drift import reference_corpus
 
-        corpus = reference_corpus(lm.model, tok, corpus_spec, _generating(progress))
+        # batched across prompts where that is token-exact (float32; drift.continuations)
+        corpus = reference_corpus(lm.model, tok, corpus_spec, _generating(progress), batched=lm.exec == "float32")
     else:
         corpus = tokenize_corpus(corpus_spec, tok)
     chunks = [np.asarray(c, dtype=np.int32) for c in corpus.chunks]

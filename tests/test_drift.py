@@ -85,24 +85,112 @@ def test_greedy_with_the_generation_cache_equals_full_recomputation(tiny_model, 
         lm.release()
 
 
-def test_a_differing_pick_where_the_reference_is_torn_is_a_tie(monkeypatch):
-    """The quant would say 9 at step 1 and 8 at step 3; the reference's top-2 were within
-    TIE_NATS at step 1 only: step 1 is a tie (the quant is put back on the reference's token),
-    step 3 a divergence."""
-    ref = [1, 2, 3, 4, 5]
-    wrong = {1: 9, 3: 8}
-
-    def fake_greedy(model, prefix, n, eos=None):
-        t = len(prefix) - 2  # the prompt is two tokens
-        return [wrong.get(t + j, ref[t + j]) for j in range(n)]
-
-    monkeypatch.setattr(drift, "greedy", fake_greedy)
+def test_a_differing_pick_where_the_reference_is_torn_is_a_tie():
+    """The quant picks 9 at step 1 and 8 at step 3; the reference's top-2 were within TIE_NATS at
+    step 1 only: step 1 is a tie (the run goes on on the reference's token), step 3 a divergence.
+    Near-ties: the quant's own top-2 gaps below NEAR_NATS at the steps the run looked at."""
+    ref = np.array([1, 2, 3, 4, 5])
+    picks = np.array([1, 9, 3, 8, 5])
     margin = np.array([1.0, drift.TIE_NATS / 2, 1.0, 1.0, 1.0])
-    assert drift._follow_one(None, [0, 0], ref, margin) == (3, 1, 1)  # (match, strict, ties)
+    gap = np.array([1.0, 1.0, 1.0, 1.0, 0.0])
+    assert drift.match_one(picks, ref, margin, gap) == (3, 1, 1, 0)  # (match, strict, ties, near)
+    gap[3] = drift.NEAR_NATS / 2  # the step the run stopped at was a near-tie of the quant's
+    assert drift.match_one(picks, ref, margin, gap) == (3, 1, 1, 1)
     margin[3] = 0.0
-    assert drift._follow_one(None, [0, 0], ref, margin) == (5, 1, 2)  # both torn: to the end
-    wrong.clear()
-    assert drift._follow_one(None, [0, 0], ref, margin) == (5, 5, 0)
+    assert drift.match_one(picks, ref, margin, gap) == (5, 1, 2, 2)  # both torn: to the end
+    assert drift.match_one(ref, ref, margin, gap) == (5, 5, 0, 2)
+    assert drift.match_one(picks[:0], ref[:0], margin[:0], gap[:0]) == (0, 0, 0, 0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3_5"])
+@pytest.mark.parametrize("tie_nats", [drift.TIE_NATS, 0.5])  # 0.5: ties happen (a tiny model's are rare)
+def test_match_from_the_teacher_forced_pass_equals_free_greedy_generation(tiny_model, tmp_path, monkeypatch,
+                                                                          arch, tie_nats):
+    """Issue 26: match, strict match and ties read from the comparison pass equal the quant's free
+    greedy generation (mlx-lm generate_step, one token at a time, a fresh prefill after each tie:
+    tests/free_greedy.py), prompt by prompt, or differ only where the pass counted a near-tie."""
+    import free_greedy
+
+    from pytest_kld.forward import load_model
+
+    monkeypatch.setattr(drift, "TIE_NATS", tie_nats)
+    cache = ensure_reference(tiny_model(arch), corpus_spec("drift", n_chunks=6, drift_tokens=16), cache_dir=tmp_path)
+    quant = tiny_model(arch, bits=4)
+    r = compare(cache, quant)
+    lm = load_model(quant, "float32")
+    try:
+        free = free_greedy.follow(lm.model, cache, tie_nats)
+    finally:
+        lm.release()
+    same = np.all([free[k] == r.drift[k] for k in ("match", "match_strict", "ties")], axis=0)
+    assert np.all(same | (r.drift["near"] > 0)), (free, r.drift)
+    assert np.sum(same) >= cache.n_chunks - 1  # a near-tie is rare: not an excuse for every prompt
+    assert r.summary["drift_match"] == pytest.approx(np.mean(r.drift["match"]))
+    assert r.summary["drift_ties"] == int(np.sum(r.drift["ties"]))
+    assert r.summary["drift_near_ties"] == int(np.sum(r.drift["near"]))
+    assert 0 < r.summary["drift_match_strict"] < 16  # the quant leaves the reference, not at once
+    if tie_nats > drift.TIE_NATS:
+        assert r.summary["drift_ties"] > 0  # the tie rule was exercised on both sides
+
+
+def test_greedy_picks_are_over_the_whole_output_width():
+    """The quant's pick is its argmax over every output logit (a padded vocabulary included), and
+    the gap is between its two largest."""
+    import mlx.core as mx
+
+    lg = mx.array([[0.0, 3.0, 1.0, 5.0], [2.0, 2.0, 1.0, 0.0], [0.0, 1.0, 2.5, 2.0]])
+    arg, gap = drift.greedy_picks(lg)
+    assert arg.tolist() == [3, 0, 2] and gap.tolist() == pytest.approx([2.0, 0.0, 0.5])
+    arg, _ = drift.greedy_picks(lg[:, :3])  # the reference's vocabulary only: another pick
+    assert arg.tolist() == [1, 0, 2]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3_5"])  # qwen3_5: hybrid, masks in its recurrent layers too
+def test_batched_continuations_are_token_for_token_the_unbatched_ones(tiny_model, monkeypatch, arch):
+    """Issue 26: the reference's continuations generated batched across prompts (prompts of
+    different lengths: right padding and masks; some stopped early by an end-of-sequence id, some
+    not) are greedy()'s, one prompt at a time, token for token; and none needed generating alone."""
+    from pytest_kld.forward import load_model
+
+    lm = load_model(tiny_model(arch), "float32")
+    try:
+        prompts = [p for p, _, _ in drift.prompt_ids(corpus_spec("drift", n_chunks=10, drift_tokens=12), lm.tokenizer)]
+        assert len({len(p) for p in prompts}) > 3
+        alone = [drift.greedy(lm.model, p, 12) for p in prompts]
+        eos = {alone[0][5], alone[3][2]}  # tokens that end some continuations early
+        alone = [drift.greedy(lm.model, p, 12, eos) for p in prompts]
+        assert len({len(a) for a in alone}) > 1 and max(len(a) for a in alone) == 12
+        heard = []
+        batched, solo = drift.continuations(lm.model, prompts, 12, eos, progress=lambda d, t: heard.append((d, t)))
+        assert batched == alone and solo == 0 and heard[-1] == (10, 10)
+        monkeypatch.setattr(drift, "NEAR_NATS", np.inf)  # every step a near-tie: all generated alone
+        assert drift.continuations(lm.model, prompts, 12, eos) == (alone, len(prompts))
+        assert drift.continuations(lm.model, prompts[:3], 12, eos, batched=False) == (alone[:3], 3)
+    finally:
+        lm.release()
+
+
+def test_batched_build_is_byte_identical_and_old_caches_still_load(tiny_model, tmp_path, monkeypatch):
+    """A drift cache built from the batched continuations has the same key and the same bytes as
+    one built the way drift mode always did (one prompt at a time); an entry built that way is
+    found and used by a comparison as it is (not rebuilt), with its drift figures."""
+    from functools import partial
+
+    from pytest_kld.reference import ReferenceCache
+
+    spec5 = corpus_spec("drift", n_chunks=5, drift_tokens=10)
+    old = tmp_path / "old"
+    with monkeypatch.context() as m:
+        m.setattr(drift, "reference_corpus", partial(drift.reference_corpus, batched=False))
+        before = ensure_reference(tiny_model("llama"), spec5, cache_dir=old)
+    new = ensure_reference(tiny_model("llama"), spec5, cache_dir=tmp_path / "new")
+    for k in ("key", "arrays_sha256", "arrays_bytes", "corpus"):
+        assert before.manifest[k] == new.manifest[k], k
+    again = ensure_reference(tiny_model("llama"), spec5, cache_dir=old)
+    assert again.path == before.path and again.manifest == ReferenceCache.load(before.path).manifest
+    assert again.manifest["build_seconds"] == before.manifest["build_seconds"]  # loaded, not rebuilt
+    r = compare(again, tiny_model("llama", bits=4))
+    assert r.summary["drift_prompts"] == 5 and 0 <= r.summary["drift_match_strict"] <= r.summary["drift_match"] <= 10
 
 
 def test_drift_cache_is_its_own_mode_beside_short(tiny_model, tmp_path):
@@ -226,3 +314,55 @@ def test_each(assert_kld, i):
                                         f"--kld-cache-dir={pytester.path / 'c'}", "-p", "no:cacheprovider")
     res.assert_outcomes(passed=4)
     assert len(list((pytester.path / "c").glob("ref-*/drift-*/manifest.json"))) == 1
+
+
+@pytest.mark.parametrize("exec_mode, batched", [("float32", True), ("native", False)])
+def test_the_reference_generates_batched_in_float32_only(tiny_model, monkeypatch, exec_mode, batched):
+    """Half-precision logits round too coarsely for batched decoding to be token-exact: a native
+    (float16 here) build generates one prompt at a time, a float32 one batched."""
+    from pytest_kld.refpass import reference_pass
+
+    seen = []
+    real = drift.continuations
+
+    def spy(*a, **kw):
+        seen.append(kw["batched"])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(drift, "continuations", spy)
+    arrays, facts = reference_pass(tiny_model("llama"), corpus_spec("drift", n_chunks=2, drift_tokens=3), top_k=8,
+                                   chunk_tokens=None, exec_mode=exec_mode)
+    assert seen == [batched] and facts["settings"]["exec"] == exec_mode and arrays["target"].shape[0] == 6
+
+
+def test_a_wider_quant_is_picked_over_its_whole_output_and_scored_as_in_prefill(tiny_model, tmp_path, monkeypatch):
+    """A quant with more (padding) output rows than the reference's vocabulary: its greedy picks
+    see every row, and its trajectory KL is bit for bit what a prefill comparison of the same
+    chunks gives."""
+    import copy
+
+    from tiny import build_model
+
+    cache = ensure_reference(tiny_model("llama"), corpus_spec("drift", n_chunks=3, drift_tokens=6), cache_dir=tmp_path)
+    wide = build_model(tmp_path / "wide", "llama", vocab_size=384)
+    widths = []
+    real = drift.greedy_picks
+    monkeypatch.setattr(drift, "greedy_picks", lambda lg: (widths.append(lg.shape[-1]), real(lg))[1])
+    r = compare(cache, wide)
+    prefill = copy.copy(cache)
+    prefill.manifest = {**cache.manifest, "corpus": {**cache.manifest["corpus"], "mode": "file"}}
+    p = compare(prefill, wide)
+    assert widths and set(widths) == {384} and cache.manifest["vocab_size"] == 320
+    assert p.drift is None and r.drift is not None and np.array_equal(r.kl, p.kl) and np.all(np.isfinite(r.kl))
+
+
+def test_near_ties_are_named_under_the_drift_section_only_when_there_are_some():
+    row = {"drift_tokens": 8, "drift_match": 3.0, "drift_match_strict": 2.0, "drift_ties": 1}
+    rows = [{"model": "q8", "summary": {**row, "drift_near_ties": 0}},
+            {"model": "q|4", "summary": {**row, "drift_near_ties": 2}}]
+    text = drift.lines(rows)
+    assert text[-1].startswith("near-ties (the quant's own top-2 within 0.001 nats") and text[-1].endswith(": q|4 2")
+    md = drift.markdown_lines(rows)
+    assert any(line.startswith("near-ties") and line.endswith("q\\|4 2") for line in md)
+    rows[1]["summary"]["drift_near_ties"] = 0
+    assert not [line for line in drift.lines(rows) + drift.markdown_lines(rows) if "near-ties" in line]
