@@ -9,6 +9,7 @@ writing a test, with the same settings (from :mod:`pytest_kld.options`) and thre
     pytest-kld export CACHE_DIR OUT_DIR     (a cache entry as a folder to copy or upload)
     pytest-kld push OUT_DIR REPO            (that folder to a hub dataset repository)
     pytest-kld merge RESULTS.json ...       (several runners' results into one leaderboard)
+    pytest-kld sensitivity REFERENCE QUANT  (which tensors cause the KLD; a recipe: see sensitivity_cli)
 
 REFERENCE is a model (local MLX directory or hub id) or a cache entry directory (then no
 reference weights are read). Exit status: 0; 1 when a threshold fails or a model is broken
@@ -23,7 +24,7 @@ import sys
 
 from .options import THRESHOLD_NAMES, add_to_argparse
 
-COMMANDS = ("compare", "build", "info", "export", "push", "merge")
+COMMANDS = ("compare", "build", "info", "export", "push", "merge", "sensitivity")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     mrg.add_argument("results", nargs="+", help="results JSON files (--kld-json / --json)")
     mrg.add_argument("--json", default=None, help="write the merged results here")
     mrg.add_argument("--markdown", default=None, help="write the merged leaderboard as Markdown here")
+    from .sensitivity_cli import add_parser
+
+    add_parser(sub)
     return ap
 
 
@@ -74,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         handlers = {"compare": _compare, "build": _build, "info": _info, "export": _export, "push": _push,
-                    "merge": _merge}
+                    "merge": _merge, "sensitivity": _sensitivity}
         return handlers[args.command](args)
     except KldError as e:
         print(f"pytest-kld: {e}", file=sys.stderr)
@@ -150,6 +154,12 @@ def _compare(args) -> int:
         print(line)
     write_reports(s, rows)
     return 1 if failed else 0
+
+
+def _sensitivity(args) -> int:
+    from .sensitivity_cli import run
+
+    return run(args, _settings(args), _open)
 
 
 def _build(args) -> int:

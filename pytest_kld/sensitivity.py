@@ -186,7 +186,7 @@ def measure(cache, reference, quant, *, name: str | None = None, bits: int = 8, 
         doc = {"format": FORMAT, "key": key, "key_material": material, "direction": DIRECTION, "model": name,
                "path": str(quant), "reference": str(reference), "bits": int(bits), "budget": int(budget),
                "seed": int(seed), "chunks": chunk_ids, "positions": int(sum(np.diff(cache.row_offsets)[chunk_ids])),
-               "params": lay.params, "bits_per_weight": model_info(quant).bits_per_weight, "tied": lay.tied,
+               "params": lay.params, "ref_dtype_bytes": lay.ref_dtype_bytes, "bits_per_weight": model_info(quant).bits_per_weight, "tied": lay.tied,
                "groups": [g.to_dict() for g in lay.groups], "savings": {}, "seconds": 0.0}
     groups = {g["name"]: Group.from_dict(g) for g in doc["groups"]}
     todo = [(g, bits) for g in groups] + [(g, int(w)) for g, w in extra]
