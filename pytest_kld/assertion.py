@@ -152,9 +152,20 @@ class AssertKld:
             entry, gate_message = _or_fail(lambda: gate(settings, self._compare.node.nodeid, slot, result, spec))
         self._compare.record(result, {**thresholds, "nonfinite": allowed}, entry)
         message = "\n".join(m for m in (evaluate(result, thresholds, cats, allowed), gate_message) if m)
+        if message and settings.get("explain"):
+            message += "\n" + self._explain(result)
         if message:
             pytest.fail(message, pytrace=False)
         return result
+
+    def _explain(self, result) -> str:
+        """--kld-explain: the groups of tensors whose damage matters most (pytest_kld.sensitivity)."""
+        from .options import EXPLAIN_TOP, SENSITIVITY_BITS, SENSITIVITY_BUDGET
+        from .sensitivity import explain
+
+        label = f"sensitivity of {result.model}"
+        return explain(self._compare.cache, result.path, top=EXPLAIN_TOP, bits=SENSITIVITY_BITS,
+                       budget=SENSITIVITY_BUDGET, progress=self._compare.session.progress(label))
 
 
 def _or_fail(fn):

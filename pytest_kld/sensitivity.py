@@ -276,3 +276,17 @@ def lines(doc: dict, top: int | None = None) -> list[str]:
         per_bit = "-" if math.isnan(r["per_bit"]) else f"{r['per_bit']:.4f}"
         out.append(f"{r['group']:<28} {r['diff']:>+9.5f} {interval:>21} {r['added_bpw']:>8.4f} {per_bit:>9}")
     return out
+
+
+def explain(cache, quant, *, top: int, bits: int, budget: int, progress=None) -> str:
+    """The top groups of ``quant`` as lines for a failing assertion's message; a line saying why
+    when they cannot be measured (never raises a KldError: the failure stands without it)."""
+    reference = (cache.manifest.get("reference") or {}).get("path")
+    try:
+        if not reference or not Path(reference, "config.json").is_file():
+            raise KldError(f"the reference's weights are not at {reference} (a cache made elsewhere)")
+        doc = measure(cache, reference, quant, bits=bits, budget=budget, progress=progress)
+    except KldError as e:
+        return f"explain: no sensitivity ranking: {e}"
+    return "\n".join(["explain: " + line for line in lines(doc, top)]
+                     + [f"explain: all groups: pytest-kld sensitivity {reference} {quant} --budget {budget}"])
