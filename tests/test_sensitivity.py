@@ -169,3 +169,37 @@ def test_cli_recipe_round_trips_through_convert(tiny_model, tmp_path, prose_file
     assert {k for k, v in config.items() if isinstance(v, dict)} == {k for k, v in recipe["modules"].items() if v}
     assert model_info(again).bits_per_weight == pytest.approx(recipe["predicted_bpw"], abs=1e-6)
     assert json.loads((tmp_path / "built" / "config.json").read_text())["quantization"] == config
+
+
+EXPLAIN_TEST = """
+import pytest
+
+def test_flag(assert_kld):
+    assert_kld({quant!r}, mean=0.0001)
+
+@pytest.mark.kld(explain=True)
+def test_marker(assert_kld):
+    assert_kld({quant!r}, mean=0.0001)
+
+def test_passing(assert_kld):
+    assert_kld({quant!r}, mean=100)
+"""
+
+
+def test_kld_explain_names_the_top_groups_in_a_failing_message(pytester, tiny_model):
+    """--kld-explain (and the marker key): a failing assert_kld's message ends with the ranking's
+    top groups; without either, the message has none; a passing test measures nothing."""
+    quant = str(tiny_model("llama", bits=3))
+    pytester.makepyfile(test_q=EXPLAIN_TEST.format(quant=quant))
+    args = [f"--kld-reference={tiny_model('llama')}", f"--kld-cache-dir={pytester.path / 'c'}", "--kld-n-chunks=3"]
+    plain = pytester.runpytest_subprocess(*args)  # only the marked test explains
+    plain.assert_outcomes(failed=2, passed=1)
+    out = plain.stdout.str()
+    flag, marker = out.index("_ test_flag _"), out.index("_ test_marker _")
+    assert flag < marker and "explain:" not in out[flag:marker] and "explain: all groups" in out[marker:]
+    res = pytester.runpytest_subprocess(*args, "--kld-explain")
+    res.assert_outcomes(failed=2, passed=1)
+    res.stdout.fnmatch_lines(["*explain: sensitivity of * saved by putting one group back*",
+                              "*explain: group * saved * 95% interval*", "*explain: all groups: pytest-kld sensitivity*"])
+    text = res.stdout.str()
+    assert sum(text.count(f"explain: {g}") for g in ("layers.", "embed_tokens", "lm_head")) == 2 * 5  # EXPLAIN_TOP each
