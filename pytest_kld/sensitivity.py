@@ -166,37 +166,66 @@ def _save(path: Path, doc: dict, notify) -> None:
 
 
 def measure(cache, reference, quant, *, name: str | None = None, bits: int = 8, budget: int = 2048, seed: int = 0,
-            extra: list[tuple[str, int]] = (), progress=None, notify=None, trust_remote_code: bool = False) -> dict:
+            fine_roles: int | None = None, extra: list[tuple[str, int]] = (), progress=None, notify=None,
+            trust_remote_code: bool = False) -> dict:
     """The sensitivity document of ``quant``: every group's saving at ``bits`` (0: the reference's
-    own dtype), plus the ``extra`` (group name, width) pairs; read from the store when there."""
+    own dtype), plus the ``extra`` (group name, width) pairs; read from the store when there.
+
+    ``fine_roles=k``: coarse to fine. First each role across all layers as one group (and the
+    embedding and head), then the layers of the ``k`` roles that save most per added bit; the
+    other roles' layers are not measured (a later run without it adds them to the same store)."""
     from .hub import resolve_model
-    from .quantinfo import model_info
 
     reference, quant = resolve_model(reference), resolve_model(quant)
-    name = name or quant.name
     lay = layout(reference, quant)
     if not lay.quantized and bits != FLOAT:
         raise KldError(f"{quant}: no quantised tensors, so nothing is stored below --bits {bits}; give a quantised "
                        "model, or --bits 0 to put back the reference's own weights")
     key, material = settings_key(cache, quant, bits, budget, seed)
     where = store_path(cache, key)
-    doc = _load_stored(where, key)
-    if doc is None:
-        chunk_ids = sample_chunks(cache, budget, seed)
-        doc = {"format": FORMAT, "key": key, "key_material": material, "direction": DIRECTION, "model": name,
-               "path": str(quant), "reference": str(reference), "bits": int(bits), "budget": int(budget),
-               "seed": int(seed), "chunks": chunk_ids, "positions": int(sum(np.diff(cache.row_offsets)[chunk_ids])),
-               "params": lay.params, "ref_dtype_bytes": lay.ref_dtype_bytes, "bits_per_weight": model_info(quant).bits_per_weight, "tied": lay.tied,
-               "groups": [g.to_dict() for g in lay.groups], "savings": {}, "seconds": 0.0}
-    groups = {g["name"]: Group.from_dict(g) for g in doc["groups"]}
-    todo = [(g, bits) for g in groups] + [(g, int(w)) for g, w in extra]
-    todo = [(g, w) for g, w in dict.fromkeys(todo) if str(w) not in doc["savings"].get(g, {})]
-    if todo:
-        _run(doc, cache, reference, quant, groups, todo, lay, progress, trust_remote_code)
-        _save(where, doc, notify)
-    elif notify:
-        notify(f"pytest-kld: sensitivity of {name} reused ({where})")
+    doc = _load_stored(where, key) or _new_doc(cache, reference, quant, name or quant.name, lay, key, material,
+                                                 bits, budget, seed)
+    groups = {g["name"]: Group.from_dict(g) for g in doc["groups"] + doc["coarse"]}
+    first = [g["name"] for g in doc["coarse"] + doc["groups"] if g["layer"] is None]
+    stages = [first, None] if fine_roles is not None else [None]
+    ran = False
+    for stage in stages:
+        names = stage if stage is not None else [g["name"] for g in doc["groups"]]
+        if stage is None and fine_roles is not None:
+            names = [g["name"] for g in doc["groups"] if g["layer"] is None or g["role"] in _top_roles(doc, fine_roles)]
+        todo = [(g, bits) for g in names] + ([(g, int(w)) for g, w in extra] if stage is None else [])
+        todo = [(g, w) for g, w in dict.fromkeys(todo) if str(w) not in doc["savings"].get(g, {})]
+        if todo:
+            _run(doc, cache, reference, quant, groups, todo, lay, progress, trust_remote_code)
+            _save(where, doc, notify)
+            ran = True
+    if not ran and notify:
+        notify(f"pytest-kld: sensitivity of {doc['model']} reused ({where})")
     return doc
+
+
+def _new_doc(cache, reference, quant, name, lay, key, material, bits, budget, seed) -> dict:
+    from .quantinfo import model_info
+
+    chunk_ids = sample_chunks(cache, budget, seed)
+    coarse = {}
+    for g in lay.groups:
+        if g.layer is not None:
+            coarse.setdefault(g.role, Group(f"{g.role} (all layers)", g.role, None)).modules.extend(g.modules)
+    return {"format": FORMAT, "key": key, "key_material": material, "direction": DIRECTION, "model": name,
+            "path": str(quant), "reference": str(reference), "bits": int(bits), "budget": int(budget),
+            "seed": int(seed), "chunks": chunk_ids, "positions": int(sum(np.diff(cache.row_offsets)[chunk_ids])),
+            "params": lay.params, "ref_dtype_bytes": lay.ref_dtype_bytes,
+            "bits_per_weight": model_info(quant).bits_per_weight, "tied": lay.tied,
+            "groups": [g.to_dict() for g in lay.groups], "coarse": [g.to_dict() for g in coarse.values()],
+            "savings": {}, "seconds": 0.0}
+
+
+def _top_roles(doc: dict, k: int) -> set[str]:
+    """The ``k`` roles whose all-layers group saves most per added bit (a positive saving)."""
+    rows = [r for r in ranking(doc, coarse=True) if r["coarse"] and r["diff"] > 0]
+    rows.sort(key=lambda r: -(r["per_bit"] if not math.isnan(r["per_bit"]) else 0.0))
+    return {r["role"] for r in rows[:k]}
 
 
 def _run(doc, cache, reference, quant, groups, todo, lay, progress, trust_remote_code) -> None:
@@ -234,17 +263,19 @@ def _run(doc, cache, reference, quant, groups, todo, lay, progress, trust_remote
     doc["seconds"] = float(doc.get("seconds", 0.0)) + time.time() - t0
 
 
-def ranking(doc: dict, width: int | None = None) -> list[dict]:
-    """Groups by saving at ``width`` (default: the document's bits), largest first: name, role,
-    layer, saving (diff, se, low, high), added bits/weight, saving per added bit."""
+def ranking(doc: dict, width: int | None = None, *, coarse: bool = True) -> list[dict]:
+    """Groups measured at ``width`` (default: the document's bits) by saving, largest first: name,
+    role, layer, saving (diff, se, low, high), added bits/weight, saving per added bit, and
+    whether the group is a role across all layers (``coarse``, included unless asked not to)."""
     w = str(doc["bits"] if width is None else width)
     rows = []
-    for g in doc["groups"]:
+    for g in doc["groups"] + (doc.get("coarse", []) if coarse else []):
         s = doc["savings"].get(g["name"], {}).get(w)
         if s is None:
             continue
         per_bit = s["diff"] / s["added_bpw"] if s["added_bpw"] > 0 else math.nan
-        rows.append({"group": g["name"], "role": g["role"], "layer": g["layer"], **s, "per_bit": per_bit})
+        rows.append({"group": g["name"], "role": g["role"], "layer": g["layer"], **s, "per_bit": per_bit,
+                     "coarse": g in doc.get("coarse", [])})
     return sorted(rows, key=lambda r: -r["diff"])
 
 

@@ -33,6 +33,9 @@ def add_parser(sub) -> None:
                     help=f"width a group is put back at, 2-8; 0: the reference's own dtype (default: {SENSITIVITY_BITS})")
     sp.add_argument("--budget", type=int, default=SENSITIVITY_BUDGET, metavar="N",
                     help=f"scored positions sampled across chunks and categories (default: {SENSITIVITY_BUDGET})")
+    sp.add_argument("--fine-roles", type=int, default=None, metavar="K",
+                    help="coarse to fine: each role across all layers first, then the layers of the K roles that "
+                    "save most per added bit (default: every group of every layer)")
     sp.add_argument("--top", type=int, default=None, metavar="N", help="print the N first groups (default: all)")
     sp.add_argument("--target-bpw", type=float, default=None, metavar="B", help="recipe: bits per weight to reach")
     sp.add_argument("--target-kld", type=float, default=None, metavar="X", help="recipe: predicted mean KLD to reach")
@@ -87,7 +90,8 @@ def _reference_weights(reference: str, cache, given_cache: bool) -> str:
 def _measure(cache, reference, args, progress) -> dict:
     from .sensitivity import check_budget, measure
 
-    doc = measure(cache, reference, args.quant, bits=args.bits, budget=args.budget, progress=progress,
+    doc = measure(cache, reference, args.quant, bits=args.bits, budget=args.budget, fine_roles=args.fine_roles,
+                  progress=progress,
                   notify=lambda line: print(line, file=sys.stderr, flush=True))
     check_budget(doc)
     return doc
@@ -104,6 +108,7 @@ def _recipe(cache, reference, doc, args) -> dict:
     guessed = [(g["group"], g["width"]) for g in recipe["groups"] if not g["measured_at_width"]]
     if guessed and args.bits != FLOAT:
         doc.update(measure(cache, reference, args.quant, bits=args.bits, budget=args.budget, extra=guessed,
+                           fine_roles=args.fine_roles,
                            progress=Progress(f"sensitivity of {args.quant} at the recipe's widths")))
         recipe = plan(doc, target_bpw=args.target_bpw, target_kld=args.target_kld)
     if args.recipe:

@@ -203,3 +203,20 @@ def test_kld_explain_names_the_top_groups_in_a_failing_message(pytester, tiny_mo
                               "*explain: group * saved * 95% interval*", "*explain: all groups: pytest-kld sensitivity*"])
     text = res.stdout.str()
     assert sum(text.count(f"explain: {g}") for g in ("layers.", "embed_tokens", "lm_head")) == 2 * 5  # EXPLAIN_TOP each
+
+
+def test_coarse_to_fine_measures_the_layers_of_the_role_that_matters(tiny_model, cache_for, tmp_path):
+    """``fine_roles=1``: roles across all layers first; then only the damaged role's layers. A
+    full run later adds the other role's layers to the same store, the rest reused."""
+    cache = cache_for("llama")
+    ref, quant = tiny_model("llama"), damaged(tiny_model, tmp_path, "llama")
+    doc = sensitivity.measure(cache, ref, quant, bits=8, budget=400, fine_roles=1)
+    measured = {r["group"] for r in sensitivity.ranking(doc)}
+    assert measured == {"embed_tokens", "lm_head", "self_attn (all layers)", "mlp (all layers)", "layers.0.mlp",
+                        "layers.1.mlp"}
+    ranked = [r["group"] for r in sensitivity.ranking(doc, coarse=False)]
+    assert ranked[0] == DAMAGED["llama"]
+    first = {g: dict(v) for g, v in doc["savings"].items()}
+    full = sensitivity.measure(cache, ref, quant, bits=8, budget=400)
+    assert {"layers.0.self_attn", "layers.1.self_attn"} <= {r["group"] for r in sensitivity.ranking(full)}
+    assert all(full["savings"][g] == v for g, v in first.items())
