@@ -89,6 +89,18 @@ def plan(doc: dict, *, target_bpw: float | None = None, target_kld: float | None
     }
 
 
+def plan_measured(doc: dict, remeasure, *, target_bpw: float | None = None,
+                  target_kld: float | None = None) -> tuple[dict, dict]:
+    """(recipe, doc): :func:`plan`, then the widths it chose below the ranking's ``bits`` measured
+    (``remeasure(list of (group, width)) -> doc``, coarse to fine in width) and planned again."""
+    recipe = plan(doc, target_bpw=target_bpw, target_kld=target_kld)
+    guessed = [(g["group"], g["width"]) for g in recipe["groups"] if not g["measured_at_width"]]
+    if guessed and doc["bits"] != FLOAT:
+        doc = remeasure(guessed)
+        recipe = plan(doc, target_bpw=target_bpw, target_kld=target_kld)
+    return recipe, doc
+
+
 def _modules(groups: list[Group], chosen: dict[str, int]) -> dict:
     """``{"base": {bits, group_size, mode}, "modules": {path: params | False}}``: every matrix not
     at the base (the quant's own overrides and float matrices, and the raised groups)."""

@@ -98,19 +98,17 @@ def _measure(cache, reference, args, progress) -> dict:
 
 
 def _recipe(cache, reference, doc, args) -> dict:
-    """Plan; measure the widths chosen below ``--bits`` (coarse to fine) and plan again; write, verify."""
-    from .groups import FLOAT
+    """Plan (measuring the widths chosen below --bits, then planning again); write; verify."""
     from .progress import Progress
-    from .recipe import plan, verify, write
+    from .recipe import plan_measured, verify, write
     from .sensitivity import measure
 
-    recipe = plan(doc, target_bpw=args.target_bpw, target_kld=args.target_kld)
-    guessed = [(g["group"], g["width"]) for g in recipe["groups"] if not g["measured_at_width"]]
-    if guessed and args.bits != FLOAT:
-        doc.update(measure(cache, reference, args.quant, bits=args.bits, budget=args.budget, extra=guessed,
-                           fine_roles=args.fine_roles,
-                           progress=Progress(f"sensitivity of {args.quant} at the recipe's widths")))
-        recipe = plan(doc, target_bpw=args.target_bpw, target_kld=args.target_kld)
+    def remeasure(extra):
+        return measure(cache, reference, args.quant, bits=args.bits, budget=args.budget, extra=extra,
+                       fine_roles=args.fine_roles, progress=Progress(f"sensitivity of {args.quant} at the recipe's widths"))
+
+    recipe, new = plan_measured(doc, remeasure, target_bpw=args.target_bpw, target_kld=args.target_kld)
+    doc.update(new)
     if args.recipe:
         py, js = write(recipe, args.recipe)
         print(f"pytest-kld: recipe written to {py} (quant_predicate) and {js}", file=sys.stderr)
