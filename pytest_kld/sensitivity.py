@@ -67,7 +67,11 @@ class Bench:
 
         self.cache, self.reference, self.chunk_ids = cache, Path(reference), list(chunk_ids)
         self.lm = load_model(quant, "float32", trust_remote_code=trust_remote_code)
-        check_tokenizer(cache, self.lm.tokenizer, name)
+        try:
+            check_tokenizer(cache, self.lm.tokenizer, name)
+        except Exception:
+            self.lm.release()
+            raise
         self.modules = dict(self.lm.model.named_modules())
         self.files = _tensor_files(self.reference)
         self.tokens = int(sum(int(cache.score_ranges[i][1]) for i in self.chunk_ids))

@@ -220,3 +220,42 @@ def test_coarse_to_fine_measures_the_layers_of_the_role_that_matters(tiny_model,
     full = sensitivity.measure(cache, ref, quant, bits=8, budget=400)
     assert {"layers.0.self_attn", "layers.1.self_attn"} <= {r["group"] for r in sensitivity.ranking(full)}
     assert all(full["savings"][g] == v for g, v in first.items())
+
+
+def _synthetic_doc():
+    """Two groups of one 3-bit matrix each (1024 x 1024, group 64) in a model of 4M parameters:
+    ``big`` saves 0.4 at 8 bits, ``small`` (a quarter of the parameters) 0.2."""
+    def group(name, params):
+        return {"name": name, "role": "mlp", "layer": 0, "modules": [
+            {"path": f"{name}.proj", "params": params, "n_in": 1024, "bits": 3, "group_size": 64, "quantized": True,
+             "quant_bytes": params * 3 // 8 + 2 * (params // 64) * 2}]}
+
+    saving = {"se": 0.01, "low": 0.1, "high": 0.5, "measured": True}
+    return {"model": "q", "direction": "KL(reference || quant)", "bits": 8, "params": 4 * 2**20,
+            "ref_dtype_bytes": 2, "bits_per_weight": 3.5, "base_mean": 1.0,
+            "groups": [group("big", 2**20), group("small", 2**18)],
+            "savings": {"big": {"8": {**saving, "diff": 0.4, "added_bpw": 1.25}},
+                        "small": {"8": {**saving, "diff": 0.2, "added_bpw": 0.3125}}}}
+
+
+def test_the_recipe_is_greedy_by_saving_per_added_bit():
+    """``small`` saves more per bit; with room for one upgrade of ``big``'s size the greedy takes
+    ``small`` first, and every choice keeps to the target; unmeasured widths follow 4^-bits."""
+    from pytest_kld.groups import Group, added_bpw
+    from pytest_kld.recipe import plan, predicted_saving
+
+    doc = _synthetic_doc()
+    small = Group.from_dict(doc["groups"][1])
+    assert predicted_saving(doc, small, 8) == 0.2
+    assert predicted_saving(doc, small, 4) == pytest.approx(0.2 * (1 - 4**-1) / (1 - 4**-5))
+    sizes = type("S", (), {"params": doc["params"], "ref_dtype_bytes": 2})()
+    assert added_bpw(small, 4, sizes) == pytest.approx(2**18 / doc["params"])  # one bit per weight of a sixteenth
+    r = plan(doc, target_bpw=3.5 + 0.3125)
+    assert [g["group"] for g in r["groups"]][0] == "small"
+    assert r["predicted_bpw"] <= 3.5 + 0.3125 + 1e-12
+    everything = plan(doc, target_bpw=10)
+    assert {(g["group"], g["width"]) for g in everything["groups"]} == {("big", 8), ("small", 8)}
+    assert everything["predicted_mean"] == pytest.approx(1.0 - 0.6)
+    with pytest.raises(KldError, match="below the quant's own"):
+        plan(doc, target_bpw=3.0)
+    assert plan(doc, target_kld=0.9)["predicted_mean"] <= 0.9
