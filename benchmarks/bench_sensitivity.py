@@ -49,11 +49,15 @@ def rank(cache, reference, quant: Path, args) -> bool:
     took = time.time() - t0
     for line in lines(doc, 8):
         print(line)
-    first = ranking(doc)[0]
+    fine = ranking(doc, coarse=False)  # the issue's groups: per layer and role, embedding/output head
+    first = fine[0]
     ok = first["role"] == "embed_tokens" and first["low"] > 0
+    unmeasured = sorted({g["role"] for g in doc["groups"] if g["name"] not in {r["group"] for r in fine}})
     reused = "reused from the store; measured in" if took < 0.2 * doc["seconds"] else "measured in"
-    print(f"{quant.name}: first {first['group']} {first['diff']:+.5f} [{first['low']:+.5f}, {first['high']:+.5f}] "
-          f"-> embedding/output first with its interval excluding 0: {'yes' if ok else 'NO'}")
+    print(f"{quant.name}: first of the {len(fine)} per-layer-and-role groups measured (of {len(doc['groups'])}; "
+          f"layers not measured: {', '.join(unmeasured) or 'none'}): {first['group']} {first['diff']:+.5f} "
+          f"[{first['low']:+.5f}, {first['high']:+.5f}] -> embedding/output first, interval excluding 0: "
+          f"{'yes' if ok else 'NO'}")
     print(f"{quant.name}: {len(ranking(doc))} groups on {doc['positions']} positions ({len(doc['chunks'])} chunks), "
           f"{reused} {doc['seconds']:.0f} s on {os.cpu_count()} cores (load average now {os.getloadavg()[0]:.1f})\n")
     return ok
