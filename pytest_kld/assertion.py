@@ -49,13 +49,16 @@ class KldCompare:
         return _or_fail(lambda: compare_model(self.cache, self.settings, model, name=name, exec=exec,
                                               revision=revision, progress=self.session.progress(label)))
 
-    def record(self, result, thresholds: dict | None, baseline: dict | None = None) -> None:
+    def record(self, result, thresholds: dict | None, baseline: dict | None = None,
+               sensitivity: dict | None = None) -> None:
         from .run import row
 
         r = row(result, thresholds=thresholds)
         r["nodeid"] = self.node.nodeid
         if baseline is not None:
             r["baseline"] = baseline
+        if sensitivity is not None:  # --kld-explain on a failure (pytest_kld.sensitivity.public)
+            r["sensitivity"] = sensitivity
         s = result.summary
         props = [("kld_model", result.model), ("kld_reference", result.reference.get("name")),
                  ("kld_direction", "KL(reference || quant)"), ("kld_exec", result.exec)]
@@ -150,15 +153,16 @@ class AssertKld:
 
             slot = name or display_name(str(model))
             entry, gate_message = _or_fail(lambda: gate(settings, self._compare.node.nodeid, slot, result, spec))
-        self._compare.record(result, {**thresholds, "nonfinite": allowed}, entry)
         message = "\n".join(m for m in (evaluate(result, thresholds, cats, allowed), gate_message) if m)
-        if message and settings.get("explain"):
-            message += "\n" + self._explain(result)
+        text, ranking = self._explain(result) if message and settings.get("explain") else (None, None)
+        self._compare.record(result, {**thresholds, "nonfinite": allowed}, entry, ranking)
+        if text:
+            message += "\n" + text
         if message:
             pytest.fail(message, pytrace=False)
         return result
 
-    def _explain(self, result) -> str:
+    def _explain(self, result) -> tuple[str, dict | None]:
         """--kld-explain: the groups of tensors whose damage matters most (pytest_kld.sensitivity)."""
         from .options import EXPLAIN_TOP, SENSITIVITY_BITS, SENSITIVITY_BUDGET
         from .sensitivity import explain

@@ -313,15 +313,24 @@ def lines(doc: dict, top: int | None = None) -> list[str]:
     return out
 
 
-def explain(cache, quant, *, top: int, bits: int, budget: int, progress=None) -> str:
-    """The top groups of ``quant`` as lines for a failing assertion's message; a line saying why
-    when they cannot be measured (never raises a KldError: the failure stands without it)."""
+def public(doc: dict) -> dict:
+    """The versioned ``sensitivity`` object of the results JSON (and of the command's --json)."""
+    keys = ("direction", "model", "path", "reference", "bits", "budget", "seed", "positions", "chunks",
+            "bits_per_weight", "base_mean")
+    return {"schema_version": 1, **{k: doc.get(k) for k in keys}, "ranking": ranking(doc)}
+
+
+def explain(cache, quant, *, top: int, bits: int, budget: int, progress=None) -> tuple[str, dict | None]:
+    """(lines for a failing assertion's message, the :func:`public` object): the top groups of
+    ``quant``, or a line saying why they cannot be measured and None (never raises a KldError:
+    the failure stands without it)."""
     reference = (cache.manifest.get("reference") or {}).get("path")
     try:
         if not reference or not Path(reference, "config.json").is_file():
             raise KldError(f"the reference's weights are not at {reference} (a cache made elsewhere)")
         doc = measure(cache, reference, quant, bits=bits, budget=budget, progress=progress)
     except KldError as e:
-        return f"explain: no sensitivity ranking: {e}"
-    return "\n".join(["explain: " + line for line in lines(doc, top)]
+        return f"explain: no sensitivity ranking: {e}", None
+    text = "\n".join(["explain: " + line for line in lines(doc, top)]
                      + [f"explain: all groups: pytest-kld sensitivity {reference} {quant} --budget {budget}"])
+    return text, public(doc)

@@ -48,6 +48,7 @@ def run(args, settings: dict, open_cache) -> int:
     """The command, given the checked settings and the function that opens the reference cache."""
     from .progress import Progress
     from .run import is_cache_dir, output_paths
+    from .sensitivity import public
 
     if not (args.bits == 0 or 2 <= args.bits <= 8):
         raise KldError(f"--bits {args.bits}: choose 2 to 8, or 0 for the reference's own dtype")
@@ -60,7 +61,7 @@ def run(args, settings: dict, open_cache) -> int:
     cache = open_cache(settings)
     reference = _reference_weights(args.reference, cache, is_cache_dir(args.reference))
     doc = _measure(cache, reference, args, Progress(f"sensitivity of {args.quant}"))
-    report = {"sensitivity": _public(doc)}
+    report = {"sensitivity": public(doc)}
     if args.target_bpw is not None or args.target_kld is not None:
         report["recipe"] = _recipe(cache, reference, doc, args)
     for line in _text(doc, report, args.top):
@@ -119,14 +120,6 @@ def _recipe(cache, reference, doc, args) -> dict:
                    progress=Progress(f"verifying the recipe built in {args.verify}"))
         recipe["verified"] = {k: v[k] for k in v if k not in ("kl", "chunk")}
     return recipe
-
-
-def _public(doc: dict) -> dict:
-    from .sensitivity import ranking
-
-    return {"schema_version": 1, **{k: doc[k] for k in ("direction", "model", "path", "reference", "bits", "budget",
-                                                         "seed", "positions", "chunks", "bits_per_weight", "base_mean")},
-            "ranking": ranking(doc)}
 
 
 def _text(doc: dict, report: dict, top) -> list[str]:

@@ -9,7 +9,7 @@ import json
 import math
 
 import pytest
-from tiny import quantize
+from tiny import quantize, validate_results
 
 from pytest_kld import sensitivity
 from pytest_kld.cache import ensure_reference
@@ -197,8 +197,13 @@ def test_kld_explain_names_the_top_groups_in_a_failing_message(pytester, tiny_mo
     out = plain.stdout.str()
     flag, marker = out.index("_ test_flag _"), out.index("_ test_marker _")
     assert flag < marker and "explain:" not in out[flag:marker] and "explain: all groups" in out[marker:]
-    res = pytester.runpytest_subprocess(*args, "--kld-explain")
+    res = pytester.runpytest_subprocess(*args, "--kld-explain", f"--kld-json={pytester.path / 'r.json'}")
     res.assert_outcomes(failed=2, passed=1)
+    doc = json.loads((pytester.path / "r.json").read_text())
+    validate_results(doc)
+    failed = [r for r in doc["results"] if r["outcome"] == "failed"]  # one row per model: a failure wins
+    assert failed and all(r["sensitivity"]["schema_version"] == 1 and len(r["sensitivity"]["ranking"]) == 6
+                          and r["sensitivity"]["direction"] == "KL(reference || quant)" for r in failed)
     res.stdout.fnmatch_lines(["*explain: sensitivity of * saved by putting one group back*",
                               "*explain: group * saved * 95% interval*", "*explain: all groups: pytest-kld sensitivity*"])
     text = res.stdout.str()
