@@ -53,13 +53,13 @@ def rank(cache, reference, quant: Path, args) -> bool:
     first = fine[0]
     ok = first["role"] == "embed_tokens" and first["low"] > 0
     unmeasured = sorted({g["role"] for g in doc["groups"] if g["name"] not in {r["group"] for r in fine}})
-    reused = "reused from the store; measured in" if took < 0.2 * doc["seconds"] else "measured in"
     print(f"{quant.name}: first of the {len(fine)} per-layer-and-role groups measured (of {len(doc['groups'])}; "
           f"layers not measured: {', '.join(unmeasured) or 'none'}): {first['group']} {first['diff']:+.5f} "
           f"[{first['low']:+.5f}, {first['high']:+.5f}] -> embedding/output first, interval excluding 0: "
           f"{'yes' if ok else 'NO'}")
     print(f"{quant.name}: {len(ranking(doc))} groups on {doc['positions']} positions ({len(doc['chunks'])} chunks), "
-          f"{reused} {doc['seconds']:.0f} s on {os.cpu_count()} cores (load average now {os.getloadavg()[0]:.1f})\n")
+          f"this run {took:.0f} s, every measurement in the store {doc['seconds']:.0f} s, on {os.cpu_count()} cores "
+          f"(load average now {os.getloadavg()[0]:.1f})\n")
     return ok
 
 
