@@ -11,6 +11,7 @@ writing a test, with the same settings (from :mod:`pytest_kld.options`) and thre
     pytest-kld merge RESULTS.json ...       (several runners' results into one leaderboard)
     pytest-kld doctor                       (this machine: CPU, the BLAS chosen for MLX and why)
     pytest-kld card RESULTS.json QUANT      (the quant's figures into its model card, README.md)
+    pytest-kld sensitivity REFERENCE QUANT  (which tensors cause the KLD; a recipe: see sensitivity_cli)
 
 REFERENCE is a model (local MLX directory or hub id) or a cache entry directory (then no
 reference weights are read). Exit status: 0; 1 when a threshold fails or a model is broken
@@ -25,7 +26,7 @@ import sys
 
 from .options import add_to_argparse, threshold_names
 
-COMMANDS = ("compare", "build", "info", "export", "push", "merge", "doctor", "card")
+COMMANDS = ("compare", "build", "info", "export", "push", "merge", "doctor", "card", "sensitivity")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="upload the card to this hub model repo (default: QUANT when it is a hub repo id)")
     mrg.add_argument("--by-category", action="store_true", default=None,
                      help="add mean KLD per corpus category to the leaderboard (default: as the first run was set)")
+    from .sensitivity_cli import add_parser
+
+    add_parser(sub)
     return ap
 
 
@@ -86,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         handlers = {"compare": _compare, "build": _build, "info": _info, "export": _export, "push": _push,
-                    "merge": _merge, "doctor": _doctor, "card": _card}
+                    "merge": _merge, "doctor": _doctor, "card": _card, "sensitivity": _sensitivity}
         return handlers[args.command](args)
     except KldError as e:
         text = str(e)  # one prefix, even for a message that already carries it
@@ -165,6 +169,12 @@ def _compare(args) -> int:
         print(line)
     write_reports(s, board)
     return 1 if failed else 0
+
+
+def _sensitivity(args) -> int:
+    from .sensitivity_cli import run
+
+    return run(args, _settings(args), _open)
 
 
 def _build(args) -> int:

@@ -107,6 +107,9 @@ OPTIONS: tuple[Option, ...] = (
            "on this machine; 1..256)", minimum=1, maximum=256),
     Option("backend", str, None, "mlx.launch backend of a distributed reference build",
            choices=DIST_BACKENDS, default_text="the hostfile's, else ring"),
+    Option("explain", bool, False, "when an assert_kld fails, measure which groups of tensors cause the quant's "
+           "KLD (pytest-kld sensitivity at its defaults, stored beside the cache) and name the top ones in the "
+           "message", marker=True),
     Option("shard-quants", bool, False, "run each compared model sharded over the same ranks too (a quant too "
            "large for one machine); by default quants run in this process"),
 )
@@ -116,6 +119,12 @@ BY_DEST = {o.dest: o for o in OPTIONS}
 def default(dest: str):
     """The default of setting ``dest`` (``"top_k"``): what every module that needs one reads."""
     return BY_DEST[dest].default
+# Sensitivity (pytest-kld sensitivity, --kld-explain): the width a group is put back at (0: the
+# reference's own dtype) and the scored positions sampled; SmolLM2's 61 groups take ~10 min on
+# 2 CPU cores at this budget (benchmarks/bench_sensitivity.py).
+SENSITIVITY_BITS = 8
+SENSITIVITY_BUDGET = 2048
+EXPLAIN_TOP = 5  # groups a failing assert_kld's message names
 MARKER_KEYS = frozenset(o.dest for o in OPTIONS if o.marker)
 
 

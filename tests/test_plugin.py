@@ -512,7 +512,7 @@ def test_marker_overrides_settings_per_test(pytester, models):
     result.stdout.fnmatch_lines(
         [
             "*ERROR at setup of test_unknown_key*",
-            literal("@pytest.mark.kld: unknown setting(s) topk; known: baseline_fail, chunk_tokens, dataset, drift_tokens, exec, mode, *top_k"),
+            literal("@pytest.mark.kld: unknown setting(s) topk; known: baseline_fail, chunk_tokens, dataset, drift_tokens, exec, explain, mode, *top_k"),
             "*ERROR at setup of test_bad_value*",
             "@pytest.mark.kld: top_k='many' must be an integer of at least 1",
             "*ERROR at setup of test_bad_choice*",

@@ -1,0 +1,266 @@
+"""Sensitivity and recipes (issue 27) on tiny in-process models: a group that carries the damage
+is found first, the reference as its own quant saves exactly 0, the recipe written round-trips
+through mlx-lm's convert, and bad input gets one line."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+
+import pytest
+from tiny import quantize, validate_results
+
+from pytest_kld import sensitivity
+from pytest_kld.cache import ensure_reference
+from pytest_kld.errors import KldError, ModelError
+from pytest_kld.groups import layout
+from pytest_kld.reference import Settings
+
+# The group each architecture's damaged quant stores at 2 bits (the rest at 6).
+DAMAGED = {"llama": "layers.1.mlp", "qwen3": "layers.0.self_attn", "qwen3_5": "layers.0.linear_attn",
+           "qwen3_5_moe": "layers.2.experts"}
+
+
+@pytest.fixture
+def cache_for(tiny_model, prose_spec, tmp_path_factory):
+    root = tmp_path_factory.mktemp("kld-cache")
+    return lambda arch: ensure_reference(tiny_model(arch), prose_spec, Settings(top_k=256, chunk_tokens=64),
+                                         cache_dir=root)
+
+
+def damaged(tiny_model, tmp_path, arch, low_bits=2, rest=6):
+    """A quant of ``arch`` with DAMAGED[arch] at ``low_bits`` and every other matrix at ``rest``
+    (``rest=None``: left in float, so the group carries all the damage)."""
+    ref = tiny_model(arch)
+    paths = {m.path for g in layout(ref, ref).groups if g.name == DAMAGED[arch] for m in g.modules}
+    assert paths, f"no group {DAMAGED[arch]} in {arch}"
+
+    def predicate(path, module):
+        if path in paths:
+            return {"bits": low_bits, "group_size": 64, "mode": "affine"}
+        return rest is not None
+
+    return quantize(ref, tmp_path / f"{arch}-damaged", bits=rest or 8, predicate=predicate)
+
+
+@pytest.mark.parametrize("arch", sorted(DAMAGED))
+def test_the_damaged_group_ranks_first(arch, tiny_model, cache_for, tmp_path):
+    """Every group measured (the rest at 6 bits, put back at 8); the 2-bit one saves most, its
+    interval excludes 0, and its saving is most of the quant's KLD."""
+    cache = cache_for(arch)
+    doc = sensitivity.measure(cache, tiny_model(arch), damaged(tiny_model, tmp_path, arch), bits=8, budget=400)
+    ranked = sensitivity.ranking(doc)
+    assert ranked[0]["group"] == DAMAGED[arch], sensitivity.lines(doc)
+    assert ranked[0]["low"] > 0
+    assert ranked[0]["diff"] > 0.25 * doc["base_mean"]
+    assert all(r["measured"] for r in ranked)
+    assert ranked[0]["diff"] > 2 * max(abs(r["diff"]) for r in ranked[1:])
+    sensitivity.check_budget(doc)
+
+
+def test_only_the_damaged_group_quantised_carries_all_the_damage(tiny_model, cache_for, tmp_path):
+    """Only one group quantised, everything put back in the reference's own dtype: that group
+    saves the quant's whole KLD exactly (the model is then the reference); every other group,
+    swapped for the same float weights, saves exactly 0."""
+    cache = cache_for("llama")
+    doc = sensitivity.measure(cache, tiny_model("llama"), damaged(tiny_model, tmp_path, "llama", rest=None), bits=0,
+                              budget=10**6)
+    ranked = sensitivity.ranking(doc)
+    assert ranked[0]["group"] == DAMAGED["llama"]
+    assert ranked[0]["diff"] == pytest.approx(doc["base_mean"], rel=1e-12, abs=1e-12)
+    assert all(r["diff"] == 0.0 and r["measured"] for r in ranked[1:])
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3_5_moe"])
+def test_the_reference_as_its_own_quant_saves_exactly_zero(arch, tiny_model, cache_for):
+    cache = cache_for(arch)
+    ref = tiny_model(arch)
+    doc = sensitivity.measure(cache, ref, ref, bits=0, budget=300)
+    assert doc["base_mean"] == 0.0
+    ranked = sensitivity.ranking(doc)
+    assert ranked and all(r["measured"] and r["diff"] == 0.0 and r["low"] == 0.0 == r["high"] for r in ranked)
+    with pytest.raises(KldError, match=r"no quantised tensors.*--bits 0") as e:
+        sensitivity.measure(cache, ref, ref, bits=8, budget=300)
+    assert "\n" not in str(e.value)
+
+
+def test_groups_per_layer_and_role(tiny_model):
+    """Tied and untied heads, MoE experts, router and shared expert apart, linear attention."""
+    ref = tiny_model("qwen3_5_moe")
+    names = {g.name for g in layout(ref, ref).groups}
+    for layer in range(4):
+        assert {f"layers.{layer}.experts", f"layers.{layer}.router", f"layers.{layer}.shared_expert"} <= names
+    assert {"layers.0.linear_attn", "layers.1.self_attn", "embed_tokens", "lm_head"} <= names
+
+
+def test_a_rerun_reads_the_store(tiny_model, cache_for, tmp_path, monkeypatch):
+    cache = cache_for("llama")
+    quant = tiny_model("llama", bits=4)
+    first = sensitivity.measure(cache, tiny_model("llama"), quant, bits=8, budget=200)
+    files = list(sensitivity.store_path(cache, "x").parent.glob("*.json"))
+    assert len(files) == 1 and not list(files[0].parent.glob(".*.tmp"))
+
+    def no_load(*a, **k):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(sensitivity, "Bench", no_load)
+    again = sensitivity.measure(cache, tiny_model("llama"), quant, bits=8, budget=200)
+    assert sensitivity.ranking(again) == sensitivity.ranking(first)
+    with pytest.raises(AssertionError, match="measured again"):  # other settings: another entry
+        sensitivity.measure(cache, tiny_model("llama"), quant, bits=6, budget=200)
+
+
+def test_bad_input_one_line(tiny_model, cache_for, tmp_path):
+    cache = cache_for("llama")
+    with pytest.raises(ModelError, match="module layout does not match the reference") as e:
+        sensitivity.measure(cache, tiny_model("llama"), tiny_model("qwen3_5", bits=4), budget=200)
+    assert "\n" not in str(e.value)
+    doc = sensitivity.measure(cache, tiny_model("llama"), tiny_model("llama", bits=4), bits=8, budget=1)
+    with pytest.raises(KldError, match=r"1 chunk, too few to rank.*raise --budget"):
+        sensitivity.check_budget(doc)
+    noisy = dict(doc, chunks=[0, 1], savings={g["name"]: {"8": {"diff": 0.01, "se": 0.1, "low": -0.2, "high": 0.2,
+                                                                 "added_bpw": 1.0, "measured": True}}
+                                              for g in doc["groups"]})
+    with pytest.raises(KldError, match=r"too few to rank: the savings' 95% intervals are ±0.2000 to ±0.2000 nats"):
+        sensitivity.check_budget(noisy)
+
+
+def _load_predicate(path):
+    spec = importlib.util.spec_from_file_location("written_recipe", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_cli_recipe_round_trips_through_convert(tiny_model, tmp_path, prose_file, capsys):
+    """``pytest-kld sensitivity REF QUANT --target-bpw B --recipe STEM --verify DIR``: the recipe
+    keeps to the target, the written predicate builds (mlx-lm convert) a model whose config
+    records exactly the recipe, with the bits per weight predicted, and the verification measures
+    a saving whose interval excludes 0."""
+    from pytest_kld.cli import main
+    from pytest_kld.quantinfo import model_info
+
+    ref, quant = tiny_model("llama"), tiny_model("llama", bits=3)
+    target = model_info(quant).bits_per_weight + 0.8
+    args = ["sensitivity", str(ref), str(quant), "--mode", "file", "--dataset", str(prose_file), "--n-ctx", "128",
+            "--cache-dir", str(tmp_path / "c"), "--budget", "400", "--target-bpw", str(target), "--recipe",
+            str(tmp_path / "rec"), "--verify", str(tmp_path / "built"), "--json", str(tmp_path / "s.json"),
+            "--markdown", str(tmp_path / "s.md")]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "sensitivity of" in out and "verified on" in out
+    report = json.loads((tmp_path / "s.json").read_text())
+    recipe, ranking = report["recipe"], report["sensitivity"]["ranking"]
+    assert report["sensitivity"]["direction"] == "KL(reference || quant)" and len(ranking) == 6
+    assert recipe["groups"] and recipe["predicted_bpw"] <= target + 1e-9
+    assert json.loads((tmp_path / "rec.json").read_text())["modules"] == recipe["modules"]
+    v = recipe["verified"]
+    assert v["bits_per_weight"] == pytest.approx(recipe["predicted_bpw"], abs=1e-6)
+    assert v["measured"]["low"] > 0 and math.isfinite(v["off_by"])
+    assert "| group |" in (tmp_path / "s.md").read_text()
+
+    written = _load_predicate(tmp_path / "rec.py")
+    again = quantize(ref, tmp_path / "again", bits=written.BASE["bits"], group_size=written.BASE["group_size"],
+                     predicate=written.quant_predicate)
+    config = json.loads((again / "config.json").read_text())["quantization"]
+    for path, entry in recipe["modules"].items():
+        assert config.get(path) == (entry or None), path
+    assert {k for k, v in config.items() if isinstance(v, dict)} == {k for k, v in recipe["modules"].items() if v}
+    assert model_info(again).bits_per_weight == pytest.approx(recipe["predicted_bpw"], abs=1e-6)
+    assert json.loads((tmp_path / "built" / "config.json").read_text())["quantization"] == config
+
+
+EXPLAIN_TEST = """
+import pytest
+
+def test_flag(assert_kld):
+    assert_kld({quant!r}, mean=0.0001)
+
+@pytest.mark.kld(explain=True)
+def test_marker(assert_kld):
+    assert_kld({quant!r}, mean=0.0001)
+
+def test_passing(assert_kld):
+    assert_kld({quant!r}, mean=100)
+"""
+
+
+def test_kld_explain_names_the_top_groups_in_a_failing_message(pytester, tiny_model):
+    """--kld-explain (and the marker key): a failing assert_kld's message ends with the ranking's
+    top groups; without either, the message has none; a passing test measures nothing."""
+    quant = str(tiny_model("llama", bits=3))
+    pytester.makepyfile(test_q=EXPLAIN_TEST.format(quant=quant))
+    args = [f"--kld-reference={tiny_model('llama')}", f"--kld-cache-dir={pytester.path / 'c'}", "--kld-n-chunks=3"]
+    plain = pytester.runpytest_subprocess(*args)  # only the marked test explains
+    plain.assert_outcomes(failed=2, passed=1)
+    out = plain.stdout.str()
+    flag, marker = out.index("_ test_flag _"), out.index("_ test_marker _")
+    assert flag < marker and "explain:" not in out[flag:marker] and "explain: all groups" in out[marker:]
+    res = pytester.runpytest_subprocess(*args, "--kld-explain", f"--kld-json={pytester.path / 'r.json'}")
+    res.assert_outcomes(failed=2, passed=1)
+    doc = json.loads((pytester.path / "r.json").read_text())
+    validate_results(doc)
+    failed = [r for r in doc["results"] if r["outcome"] == "failed"]  # one row per model: a failure wins
+    assert failed and all(r["sensitivity"]["schema_version"] == 1 and len(r["sensitivity"]["ranking"]) == 6
+                          and r["sensitivity"]["direction"] == "KL(reference || quant)" for r in failed)
+    res.stdout.fnmatch_lines(["*explain: sensitivity of * saved by putting one group back*",
+                              "*explain: group * saved * 95% interval*", "*explain: all groups: pytest-kld sensitivity*"])
+    text = res.stdout.str()
+    assert sum(text.count(f"explain: {g}") for g in ("layers.", "embed_tokens", "lm_head")) == 2 * 5  # EXPLAIN_TOP each
+
+
+def test_coarse_to_fine_measures_the_layers_of_the_role_that_matters(tiny_model, cache_for, tmp_path):
+    """``fine_roles=1``: roles across all layers first; then only the damaged role's layers. A
+    full run later adds the other role's layers to the same store, the rest reused."""
+    cache = cache_for("llama")
+    ref, quant = tiny_model("llama"), damaged(tiny_model, tmp_path, "llama")
+    doc = sensitivity.measure(cache, ref, quant, bits=8, budget=400, fine_roles=1)
+    measured = {r["group"] for r in sensitivity.ranking(doc)}
+    assert measured == {"embed_tokens", "lm_head", "self_attn (all layers)", "mlp (all layers)", "layers.0.mlp",
+                        "layers.1.mlp"}
+    ranked = [r["group"] for r in sensitivity.ranking(doc, coarse=False)]
+    assert ranked[0] == DAMAGED["llama"]
+    first = {g: dict(v) for g, v in doc["savings"].items()}
+    full = sensitivity.measure(cache, ref, quant, bits=8, budget=400)
+    assert {"layers.0.self_attn", "layers.1.self_attn"} <= {r["group"] for r in sensitivity.ranking(full)}
+    assert all(full["savings"][g] == v for g, v in first.items())
+
+
+def _synthetic_doc():
+    """Two groups of one 3-bit matrix each (1024 x 1024, group 64) in a model of 4M parameters:
+    ``big`` saves 0.4 at 8 bits, ``small`` (a quarter of the parameters) 0.2."""
+    def group(name, params):
+        return {"name": name, "role": "mlp", "layer": 0, "modules": [
+            {"path": f"{name}.proj", "params": params, "n_in": 1024, "bits": 3, "group_size": 64, "quantized": True,
+             "quant_bytes": params * 3 // 8 + 2 * (params // 64) * 2}]}
+
+    saving = {"se": 0.01, "low": 0.1, "high": 0.5, "measured": True}
+    return {"model": "q", "direction": "KL(reference || quant)", "bits": 8, "params": 4 * 2**20,
+            "ref_dtype_bytes": 2, "bits_per_weight": 3.5, "base_mean": 1.0,
+            "groups": [group("big", 2**20), group("small", 2**18)],
+            "savings": {"big": {"8": {**saving, "diff": 0.4, "added_bpw": 1.25}},
+                        "small": {"8": {**saving, "diff": 0.2, "added_bpw": 0.3125}}}}
+
+
+def test_the_recipe_is_greedy_by_saving_per_added_bit():
+    """``small`` saves more per bit; with room for one upgrade of ``big``'s size the greedy takes
+    ``small`` first, and every choice keeps to the target; unmeasured widths follow 4^-bits."""
+    from pytest_kld.groups import Group, added_bpw
+    from pytest_kld.recipe import plan, predicted_saving
+
+    doc = _synthetic_doc()
+    small = Group.from_dict(doc["groups"][1])
+    assert predicted_saving(doc, small, 8) == 0.2
+    assert predicted_saving(doc, small, 4) == pytest.approx(0.2 * (1 - 4**-1) / (1 - 4**-5))
+    sizes = type("S", (), {"params": doc["params"], "ref_dtype_bytes": 2})()
+    assert added_bpw(small, 4, sizes) == pytest.approx(2**18 / doc["params"])  # one bit per weight of a sixteenth
+    r = plan(doc, target_bpw=3.5 + 0.3125)
+    assert [g["group"] for g in r["groups"]][0] == "small"
+    assert r["predicted_bpw"] <= 3.5 + 0.3125 + 1e-12
+    everything = plan(doc, target_bpw=10)
+    assert {(g["group"], g["width"]) for g in everything["groups"]} == {("big", 8), ("small", 8)}
+    assert everything["predicted_mean"] == pytest.approx(1.0 - 0.6)
+    with pytest.raises(KldError, match="below the quant's own"):
+        plan(doc, target_bpw=3.0)
+    assert plan(doc, target_kld=0.9)["predicted_mean"] <= 0.9
