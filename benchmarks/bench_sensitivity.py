@@ -77,6 +77,7 @@ def recipe_against(cache, reference, quant: Path, rival: Path, args) -> bool:
 
     target = model_info(rival).bits_per_weight
     recipe, _ = plan_measured(remeasure(), remeasure, target_bpw=target)
+    Path(args.out).mkdir(parents=True, exist_ok=True)  # a --out given that does not exist yet
     out = Path(args.out) / f"recipe-{quant.name}-{rival.name}"
     shutil.rmtree(out, ignore_errors=True)
     write(recipe, out.with_suffix(""))
