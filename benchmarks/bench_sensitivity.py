@@ -1,7 +1,7 @@
 """Sensitivity on SmolLM2-135M-Instruct (issue 27): the ranking of the demo quants, its time on
 this machine, and recipes against mlx-lm's mixed ones, built and measured on the whole corpus.
 
-    python benchmarks/bench_sensitivity.py [--cache-dir DEMO_DIR] [--kld-cache-dir DIR] [--budget 2048]
+    python benchmarks/bench_sensitivity.py [--cache-dir DEMO_DIR] [--kld-cache-dir DIR] [--budget N]
         [--fine-roles K] [--rank 3bit-g64 mixed_3_6] [--recipes 3bit-g64:mixed_3_6 4bit-g64:mixed_4_6] [--out DIR]
 
 1. Ranks each ``--rank`` quant (``pytest_kld.sensitivity.measure``: groups put back at 8 bits, on
@@ -27,6 +27,7 @@ import repo_paths  # noqa: F401  (demo/ and tests/ on sys.path)
 import smollm2
 
 from pytest_kld.blas import prefer_system_blas
+from pytest_kld.options import SENSITIVITY_BUDGET
 
 
 def _cache(reference: Path, kld_cache_dir):
@@ -101,7 +102,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cache-dir", default=os.environ.get("PYTEST_KLD_DEMO_DIR"), help="demo model cache")
     ap.add_argument("--kld-cache-dir", default=None, help="reference cache directory (default: the user cache)")
-    ap.add_argument("--budget", type=int, default=2048)
+    ap.add_argument("--budget", type=int, default=SENSITIVITY_BUDGET, help="default: the command's")
     ap.add_argument("--fine-roles", type=int, default=None)
     ap.add_argument("--rank", nargs="*", default=["3bit-g64", "mixed_3_6"])
     ap.add_argument("--recipes", nargs="*", default=["3bit-g64:mixed_3_6", "4bit-g64:mixed_4_6"])

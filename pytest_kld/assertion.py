@@ -47,7 +47,8 @@ class KldCompare:
 
         label = f"comparing {name or model}"
         m = _or_fail(lambda: measure(self.cache, self.settings, model, checks, test=self.node.nodeid, name=name,
-                                     exec=exec, revision=revision, progress=self.session.progress(label)))
+                                     exec=exec, revision=revision, progress=self.session.progress(label),
+                                     explain_progress=self.session.progress(f"sensitivity of {name or model}")))
         self.record(m.row, m.result)
         return m
 
@@ -130,15 +131,8 @@ class AssertKld:
             _or_fail(lambda: self._slot(model, name))  # two models of one test in one slot: an error
         m = self._compare.measure(model, checks, name=name, exec=exec, revision=revision)
         if m.message:
-            message = m.message
-            if self._compare.settings.get("explain"):  # which groups of tensors cause it
-                text, ranking = self._explain(m.result)
-                if ranking is not None:  # the recorded row travels with the report: still ours to add to
-                    m.row["sensitivity"] = ranking
-                message += "\n" + text if text else ""
-            pytest.fail(message, pytrace=False)
+            pytest.fail(m.message, pytrace=False)
         return m.result
-
 
     def _slot(self, model, name) -> str:
         """The call's baseline slot: ``name`` or the model's short name; two models of one test
@@ -151,16 +145,6 @@ class AssertKld:
             raise KldError(f"assert_kld: {self._compare.node.nodeid} compares {first} and {model} under one "
                            f"baseline slot {slot!r}; give each call its own name=, e.g. name='{slot}-2'")
         return slot
-
-    def _explain(self, result) -> tuple[str, dict | None]:
-        """--kld-explain: the groups of tensors whose damage matters most (pytest_kld.sensitivity)."""
-        from .options import EXPLAIN_TOP, SENSITIVITY_BITS, SENSITIVITY_BUDGET
-        from .sensitivity import explain
-
-        label = f"sensitivity of {result.model}"
-        return explain(self._compare.cache, result.path, top=EXPLAIN_TOP, bits=SENSITIVITY_BITS,
-                       budget=SENSITIVITY_BUDGET, progress=self._compare.session.progress(label))
-
 
 def _or_fail(fn):
     """``fn()``, or the test failed with the KldError's one line (no chained traceback)."""

@@ -123,7 +123,18 @@ def build(rows) -> Board:
     return Board(results=rows, rows=out, columns=columns, best=best, pairs=neighbours(out), categories=cats,
                  category_rows=cat_rows, quant=_quant(out),
                  drift=[r for r in out if (r.get("summary") or {}).get("drift_match") is not None],
-                 pareto=pareto(out), header=header_fields(out))
+                 pareto=pareto(out), header=header_fields(out), sections=_sections(out))
+
+
+def _sections(rows: list[dict]) -> list:
+    """The sections the rows call for: ``explain`` when a row carries a sensitivity study."""
+    if not any(r.get("sensitivity") for r in rows):
+        return []
+    from .explain import section
+    from .options import EXPLAIN_TOP
+
+    found = section(rows, EXPLAIN_TOP)
+    return [Section(*found)] if found else []
 
 
 def board_columns() -> list[Column]:

@@ -159,7 +159,8 @@ def _compare(args) -> int:
     cache = _open(s)
     rows, failed = [], 0
     for model in quants:
-        m = measure(cache, s, model, checks, test="cli", name=args.name, progress=Progress(f"comparing {model}"))
+        m = measure(cache, s, model, checks, test="cli", name=args.name, progress=Progress(f"comparing {model}"),
+                    explain_progress=Progress(f"sensitivity of {model}"))
         if m.message:
             print(f"pytest-kld: {m.message}", file=sys.stderr)
             failed += 1

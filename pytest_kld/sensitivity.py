@@ -33,7 +33,9 @@ from pathlib import Path
 import numpy as np
 
 from .errors import KldError
+from .explain import table, what
 from .groups import FLOAT, Group, added_bpw, elevated, layout
+from .options import SENSITIVITY_BITS, SENSITIVITY_BUDGET
 
 FORMAT = 1
 DIRECTION = "KL(reference || quant)"
@@ -169,7 +171,7 @@ def _save(path: Path, doc: dict, notify) -> None:
             notify(f"pytest-kld: sensitivity results not stored ({path.parent}: {e.strerror or e})")
 
 
-def measure(cache, reference, quant, *, name: str | None = None, bits: int = 8, budget: int = 2048, seed: int = 0,
+def measure(cache, reference, quant, *, name: str | None = None, bits: int = SENSITIVITY_BITS, budget: int = SENSITIVITY_BUDGET, seed: int = 0,
             fine_roles: int | None = None, extra: list[tuple[str, int]] = (), progress=None, notify=None,
             trust_remote_code: bool = False) -> dict:
     """The sensitivity document of ``quant``: every group's saving at ``bits`` (0: the reference's
@@ -301,16 +303,9 @@ def check_budget(doc: dict) -> None:
 
 def lines(doc: dict, top: int | None = None) -> list[str]:
     """The ranking as a plain-text table (the terminal's and the assertion message's)."""
-    bits = doc["bits"]
-    what = "the reference's own weights" if bits == FLOAT else f"the reference's weights at {bits} bits"
-    out = [f"sensitivity of {doc['model']}: mean {DIRECTION} saved by putting one group back ({what}); "
-           f"{doc['positions']} positions in {len(doc['chunks'])} chunks, quant mean {doc.get('base_mean', math.nan):.5f}",
-           f"{'group':<28} {'saved':>9} {'95% interval':>21} {'+bits/w':>8} {'saved/bit':>9}"]
-    for r in ranking(doc)[:top]:
-        interval = f"[{r['low']:+.5f}, {r['high']:+.5f}]"
-        per_bit = "-" if math.isnan(r["per_bit"]) else f"{r['per_bit']:.4f}"
-        out.append(f"{r['group']:<28} {r['diff']:>+9.5f} {interval:>21} {r['added_bpw']:>8.4f} {per_bit:>9}")
-    return out
+    return [f"sensitivity of {doc['model']}: mean {DIRECTION} saved by putting one group back ({what(doc['bits'])}); "
+            f"{doc['positions']} positions in {len(doc['chunks'])} chunks, quant mean "
+            f"{doc.get('base_mean', math.nan):.5f}"] + table(ranking(doc)[:top])
 
 
 def public(doc: dict) -> dict:

@@ -1,6 +1,6 @@
 """``pytest-kld sensitivity REFERENCE QUANT``: the groups whose damage matters, a recipe, its check.
 
-    pytest-kld sensitivity REFERENCE QUANT [--bits 8] [--budget 2048] [--target-bpw B | --target-kld X]
+    pytest-kld sensitivity REFERENCE QUANT [--bits 8] [--budget 1024] [--target-bpw B | --target-kld X]
                            [--recipe STEM] [--verify DIR] [--json F] [--markdown F] [--top N]
 
 Ranks every group of tensors of QUANT by the mean KL(reference || quant) saved when it is put back
@@ -14,7 +14,6 @@ mlx-lm and measures it on the whole corpus against the quant, predicted against 
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -144,17 +143,12 @@ def _text(doc: dict, report: dict, top) -> list[str]:
 
 
 def markdown(doc: dict, report: dict) -> list[str]:
+    from .explain import markdown_table, what
     from .sensitivity import ranking
 
     out = [f"### Sensitivity of {doc['model']}", "",
-           f"Mean {doc['direction']} saved by putting one group back at "
-           f"{'the reference dtype' if doc['bits'] == 0 else str(doc['bits']) + ' bits'}, paired with the quant "
-           f"({doc['positions']} positions, {len(doc['chunks'])} chunks).", "",
-           "| group | saved | 95% interval | + bits/w | saved per bit |", "|---|---:|---:|---:|---:|"]
-    for r in ranking(doc):
-        per_bit = "-" if math.isnan(r["per_bit"]) else f"{r['per_bit']:.4f}"
-        out.append(f"| {r['group']} | {r['diff']:+.5f} | [{r['low']:+.5f}, {r['high']:+.5f}] | "
-                   f"{r['added_bpw']:.4f} | {per_bit} |")
+           f"Mean {doc['direction']} saved by putting one group back ({what(doc['bits'])}), paired with the quant "
+           f"({doc['positions']} positions, {len(doc['chunks'])} chunks).", ""] + markdown_table(ranking(doc))
     r = report.get("recipe")
     if r:
         out += ["", f"Recipe: {r['quant_bpw']:.3f} → {r['predicted_bpw']:.3f} bits/weight, predicted mean "

@@ -71,9 +71,11 @@ class Measured:
 
 
 def measure(cache, s: dict, model, checks: Limits, *, test: str, name=None, exec=None, revision=None,
-            progress=None) -> Measured:
+            progress=None, explain_progress=None) -> Measured:
     """One model: compared with the cache, gated on its baseline (slot: ``test`` and ``name`` or
-    the model's short name), checked against its thresholds, made a row."""
+    the model's short name), checked against its thresholds, made a row. A failure with
+    ``s["explain"]`` set is explained: the groups of tensors that cause the KLD end the message and
+    the row carries the study (:func:`pytest_kld.sensitivity.explain`)."""
     from .board import display_name
     from .regression import gate
     from .run import compare_model, row
@@ -89,4 +91,13 @@ def measure(cache, s: dict, model, checks: Limits, *, test: str, name=None, exec
     r = row(result, "failed" if message else "passed", checks.recorded)
     if entry is not None:
         r["baseline"] = entry
+    if message and s.get("explain"):
+        from .options import EXPLAIN_TOP, SENSITIVITY_BITS, SENSITIVITY_BUDGET
+        from .sensitivity import explain
+
+        text, study = explain(cache, result.path, top=EXPLAIN_TOP, bits=SENSITIVITY_BITS, budget=SENSITIVITY_BUDGET,
+                              progress=explain_progress)
+        if study is not None:
+            r["sensitivity"] = study
+        message += "\n" + text
     return Measured(result, r, message)

@@ -197,18 +197,60 @@ def test_kld_explain_names_the_top_groups_in_a_failing_message(pytester, tiny_mo
     out = plain.stdout.str()
     flag, marker = out.index("_ test_flag _"), out.index("_ test_marker _")
     assert flag < marker and "explain:" not in out[flag:marker] and "explain: all groups" in out[marker:]
-    res = pytester.runpytest_subprocess(*args, "--kld-explain", f"--kld-json={pytester.path / 'r.json'}")
+    assert "where the damage comes from (explain)" in out  # the marked test's study reaches the leaderboard
+    res = pytester.runpytest_subprocess(*args, "--kld-explain", f"--kld-json={pytester.path / 'r.json'}",
+                                        f"--kld-markdown={pytester.path / 'r.md'}")
     res.assert_outcomes(failed=2, passed=1)
     doc = json.loads((pytester.path / "r.json").read_text())
     validate_results(doc)
     failed = [r for r in doc["results"] if r["outcome"] == "failed"]  # one row per model: a failure wins
     assert failed and all(r["sensitivity"]["schema_version"] == 1 and len(r["sensitivity"]["ranking"]) == 6
                           and r["sensitivity"]["direction"] == "KL(reference || quant)" for r in failed)
+    assert_explain_section(doc, res.stdout.str(), (pytester.path / "r.md").read_text())
     res.stdout.fnmatch_lines(["*explain: sensitivity of * saved by putting one group back*",
                               "*explain: group * saved * 95% interval*", "*explain: all groups: pytest-kld sensitivity*"])
     # the FAILURES section only: with CI set, pytest's short summary repeats whole messages
     text = res.stdout.str().split("short test summary info")[0]
     assert sum(text.count(f"explain: {g}") for g in ("layers.", "embed_tokens", "lm_head")) == 2 * 5  # EXPLAIN_TOP each
+
+
+def assert_explain_section(doc: dict, terminal: str, md: str) -> None:
+    """The leaderboard's explain section agrees with the rows' studies in all three outputs: the
+    JSON's top groups are each study's first ones, and the terminal and Markdown name them."""
+    studies = [r["sensitivity"] for r in doc["results"] if r.get("sensitivity")]
+    section = doc["leaderboard"]["sections"]["explain"]
+    assert section["direction"] == "KL(reference || quant)" and studies
+    assert len(section["models"]) == len(studies) and set(section["models"]) <= set(doc["leaderboard"]["order"])
+    for entry in section["models"].values():
+        top = [(t["group"], t["diff"], t["low"], t["high"]) for t in entry["top"]]
+        assert len(top) == 5 and any(top == [(r["group"], r["diff"], r["low"], r["high"]) for r in st["ranking"][:5]]
+                                     for st in studies)
+    board = terminal[terminal.index("where the damage comes from (explain)"):]
+    assert all(f"  {t['group']:<28} {t['diff']:>+9.5f}" in board for e in section["models"].values() for t in e["top"])
+    assert "### Where the damage comes from: mean KL(reference || quant) saved" in md
+    assert all(f"| {t['group']} | {t['diff']:+.5f} |" in md for e in section["models"].values() for t in e["top"])
+
+
+def test_compare_explain_on_the_command_line(tiny_model, tmp_path, prose_file, capsys):
+    """``pytest-kld compare REF QUANT --mean X --explain``: the failing check's message ends with
+    the top groups (stderr), the row carries the study and the JSON/Markdown the section; a
+    passing check measures nothing."""
+    from pytest_kld.cli import main
+
+    ref, quant = tiny_model("llama"), tiny_model("llama", bits=3)
+    common = [str(ref), str(quant), "--mode", "file", "--dataset", str(prose_file), "--n-ctx", "128",
+              "--cache-dir", str(tmp_path / "c"), "--explain"]
+    assert main(["compare", *common, "--mean", "100", "--json", str(tmp_path / "pass.json")]) == 0
+    passed = json.loads((tmp_path / "pass.json").read_text())
+    assert "explain" not in passed["leaderboard"]["sections"] and not list((tmp_path / "c").rglob("*.sensitivity"))
+    capsys.readouterr()
+    assert main(["compare", *common, "--mean", "0.0001", "--json", str(tmp_path / "r.json"),
+                 "--markdown", str(tmp_path / "r.md")]) == 1
+    out, err = capsys.readouterr()
+    assert "explain: sensitivity of" in err and "explain: all groups: pytest-kld sensitivity" in err
+    doc = json.loads((tmp_path / "r.json").read_text())
+    validate_results(doc)
+    assert_explain_section(doc, out, (tmp_path / "r.md").read_text())
 
 
 def test_coarse_to_fine_measures_the_layers_of_the_role_that_matters(tiny_model, cache_for, tmp_path):
