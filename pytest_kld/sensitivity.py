@@ -11,6 +11,9 @@ How it is measured:
   the model computes what a quant built with mlx-lm at those widths computes; the weights are
   swapped in place (``load_weights(pairs, strict=False)``) and swapped back after the pass. One
   model in memory, plus one group of the reference's weights.
+- A group of layer ``L`` leaves layers ``0..L-1`` as they were: its pass starts at layer ``L``
+  from their outputs recorded in the quant's own pass (:mod:`pytest_kld.replay`; bit for bit the
+  same KL, checked once per model, else every pass runs the whole model).
 - The positions: whole chunks drawn round-robin over the corpus categories (seeded), until
   ``budget`` scored positions are reached. Every pass runs the same chunks.
 - The saving of a group is ``mean KL(quant) − mean KL(quant with the group put back)`` over those
