@@ -85,7 +85,7 @@ def main() -> int:
                 kl = {}
                 for _ in range(args.repeat):
                     for way in (("replay", "full") if k % 2 == 0 else ("full", "replay")):
-                        kl[way], w, c = timed(lambda way=way: bench.kl(start=start if way == "replay" else None))
+                        kl[way], w, c = timed(lambda s=start if way == "replay" else None: bench.kl(start=s))
                         t[way][0] += w
                         t[way][1] += c
             finally:

@@ -8,7 +8,6 @@ import json
 import shutil
 
 import pytest
-
 from conftest import PROSE
 
 from pytest_kld import replay, sensitivity
