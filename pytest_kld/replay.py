@@ -81,7 +81,7 @@ class _Stand:
         self._real, self._i, self._what = real, i, what
 
     def __getattr__(self, name):
-        if name.startswith("_"):
+        if name in ("_real", "_i", "_what"):  # not set yet: no endless recursion
             raise AttributeError(name)
         return getattr(self._real, name)
 
