@@ -11,6 +11,9 @@ How it is measured:
   the model computes what a quant built with mlx-lm at those widths computes; the weights are
   swapped in place (``load_weights(pairs, strict=False)``) and swapped back after the pass. One
   model in memory, plus one group of the reference's weights.
+- A group of layer ``L`` leaves layers ``0..L-1`` as they were: its pass starts at layer ``L``
+  from their outputs recorded in the quant's own pass (:mod:`pytest_kld.replay`; bit for bit the
+  same KL, checked once per model, else every pass runs the whole model).
 - The positions: whole chunks drawn round-robin over the corpus categories (seeded), until
   ``budget`` scored positions are reached. Every pass runs the same chunks.
 - The saving of a group is ``mean KL(quant) − mean KL(quant with the group put back)`` over those
@@ -28,6 +31,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -67,7 +71,8 @@ class Bench:
         from .compare import check_tokenizer
         from .forward import load_model
 
-        self.cache, self.reference, self.chunk_ids = cache, Path(reference), list(chunk_ids)
+        self.cache, self.reference, self.chunk_ids, self.name = cache, Path(reference), list(chunk_ids), name
+        self.replay, self.starts = None, {}
         self.lm = load_model(quant, "float32", trust_remote_code=trust_remote_code)
         try:
             check_tokenizer(cache, self.lm.tokenizer, name)
@@ -78,20 +83,51 @@ class Bench:
         self.files = _tensor_files(self.reference)
         self.tokens = int(sum(int(cache.score_ranges[i][1]) for i in self.chunk_ids))
 
-    def kl(self, progress=None) -> np.ndarray:
-        """float64 KL(reference ‖ model) at the sampled positions, chunk by chunk."""
-        from .forward import iter_corpus_logprobs
+    def plan(self, groups: dict[str, Group]) -> None:
+        """Set up the replay of the layers before each of ``groups`` (:mod:`pytest_kld.replay`):
+        ``self.starts`` maps a group to the layer its pass starts at (absent: the whole model)."""
+        from . import replay
+        from .forward import scored_logits
+
+        scored_logits(self.lm.model)  # its probe runs now, not through the layers being recorded
+        layers, self.starts = replay.plan(self.lm.model, {g: [m.path for m in grp.modules] for g, grp in groups.items()})
+        if layers is not None and self.starts and replay.enabled():
+            self.replay = replay.Replay(layers, self.starts.values(), self.tokens)
+
+    def base(self, progress=None, notify=None) -> np.ndarray:
+        """The quant's own KL, recording the layers' inputs; then the replay's safety net: at
+        the deepest layer, nothing swapped, the same KL bit for bit, or no replay."""
+        kl = self.kl(progress)
+        r = self.replay
+        if r is not None:
+            r.recorded = True
+            if r.states and not np.array_equal(kl, self.kl(start=r.deepest)):
+                r.off("replaying the layers before a group does not reproduce the quant's own pass bit for bit")
+            if r.why and notify:
+                notify(f"pytest-kld: sensitivity of {self.name}: every group runs the whole model ({r.why})")
+        return kl
+
+    def kl(self, progress=None, start: int | None = None) -> np.ndarray:
+        """float64 KL(reference ‖ model) at the sampled positions, chunk by chunk; ``start``: the
+        layers before it replayed from the base pass where recorded."""
+        from .forward import iter_chunk_logprobs
         from .vocab import position_stats
 
-        c = self.cache
-        chunks = [c.chunk(i) for i in self.chunk_ids]
-        ranges = [tuple(int(v) for v in c.score_ranges[i]) for i in self.chunk_ids]
+        c, ct, r = self.cache, self.cache.settings.chunk_tokens, self.replay
         vocab = int(c.manifest["vocab_size"])
-        out = []
-        for j, row, lg in iter_corpus_logprobs(self.lm.model, chunks, ranges, chunk_tokens=c.settings.chunk_tokens,
-                                               vocab=vocab, raw=True, progress=progress):
-            out.append(position_stats(c.rows(self.chunk_ids[j], row, row + int(lg.shape[0])), lg, "numpy").kl)
-            del lg
+        ranges = [tuple(int(v) for v in c.score_ranges[i]) for i in self.chunk_ids]
+        out, done = [], 0
+        if progress is not None:
+            progress(0, self.tokens)
+        for i, (s, e) in zip(self.chunk_ids, ranges):
+            with r.around(i, start, single=not ct or e <= ct, tokens=e) if r is not None else nullcontext():
+                for row, lg in iter_chunk_logprobs(self.lm.model, c.chunk(i)[:e], s, e, chunk_tokens=ct, vocab=vocab,
+                                                   raw=True):
+                    out.append(position_stats(c.rows(i, row, row + int(lg.shape[0])), lg, "numpy").kl)
+                    del lg
+            done += e
+            if progress is not None:
+                progress(done, self.tokens)
         return np.concatenate(out) if out else np.zeros(0)
 
     def cluster(self) -> np.ndarray:
@@ -202,7 +238,7 @@ def measure(cache, reference, quant, *, name: str | None = None, bits: int = SEN
         todo = [(g, bits) for g in names] + ([(g, int(w)) for g, w in extra] if stage is None else [])
         todo = [(g, w) for g, w in dict.fromkeys(todo) if str(w) not in doc["savings"].get(g, {})]
         if todo:
-            _run(doc, cache, reference, quant, groups, todo, lay, progress, trust_remote_code)
+            _run(doc, cache, reference, quant, groups, todo, lay, progress, notify, trust_remote_code)
             _save(where, doc, notify)
             ran = True
     if not ran and notify:
@@ -234,7 +270,7 @@ def _top_roles(doc: dict, k: int) -> set[str]:
     return {r["role"] for r in rows[:k]}
 
 
-def _run(doc, cache, reference, quant, groups, todo, lay, progress, trust_remote_code) -> None:
+def _run(doc, cache, reference, quant, groups, todo, lay, progress, notify, trust_remote_code) -> None:
     from .intervals import paired
 
     t0 = time.time()
@@ -248,7 +284,8 @@ def _run(doc, cache, reference, quant, groups, todo, lay, progress, trust_remote
             if progress is not None and (d or not done[0]):
                 progress(done[0] + d, total)
 
-        base = bench.kl(tick)
+        bench.plan({g: groups[g] for g, _ in runs})
+        base = bench.base(tick, notify)
         done[0] += bench.tokens
         cluster = bench.cluster()
         doc["base_mean"] = float(np.mean(base)) if base.size else math.nan
@@ -258,7 +295,7 @@ def _run(doc, cache, reference, quant, groups, todo, lay, progress, trust_remote
             if entry["measured"]:
                 old = bench.swap(groups[g], w)
                 try:
-                    kl = bench.kl(tick)
+                    kl = bench.kl(tick, bench.starts.get(g))
                 finally:
                     bench.restore(old)
                 done[0] += bench.tokens
