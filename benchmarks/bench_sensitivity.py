@@ -70,14 +70,16 @@ def recipe_against(cache, reference, quant: Path, rival: Path, args) -> bool:
     from pytest_kld.progress import Progress
     from pytest_kld.quantinfo import model_info
     from pytest_kld.recipe import plan_measured, verify, write
-    from pytest_kld.sensitivity import measure
+    from pytest_kld.sensitivity import measure, together
 
     def remeasure(extra=()):
         return measure(cache, reference, quant, bits=8, budget=args.budget, fine_roles=args.fine_roles, extra=extra,
                        progress=Progress(f"sensitivity of {quant.name}"))
 
     target = model_info(rival).bits_per_weight
-    recipe, _ = plan_measured(remeasure(), remeasure, target_bpw=target)
+    recipe, doc = plan_measured(remeasure(), remeasure, target_bpw=target)
+    t = together(cache, reference, quant, doc, [(g["group"], g["width"]) for g in recipe["groups"]],
+                 progress=Progress(f"the recipe's groups together on {quant.name}'s sample"))
     Path(args.out).mkdir(parents=True, exist_ok=True)  # a --out given that does not exist yet
     out = Path(args.out) / f"recipe-{quant.name}-{rival.name}"
     shutil.rmtree(out, ignore_errors=True)
@@ -89,6 +91,8 @@ def recipe_against(cache, reference, quant: Path, rival: Path, args) -> bool:
     print(f"  built {v['bits_per_weight']:.3f} bits/weight; whole short corpus, {v['positions']} positions: "
           f"{quant.name} {v['quant_mean']:.5f} -> recipe {v['recipe_mean']:.5f}; saving measured {m['diff']:+.5f} "
           f"[{m['low']:+.5f}, {m['high']:+.5f}], predicted {v['predicted']:+.5f} (off by {v['off_by']:+.5f})")
+    print(f"  on the ranking's sample ({doc['positions']} positions): the groups put back together save "
+          f"{t['diff']:+.5f} [{t['low']:+.5f}, {t['high']:+.5f}], their single savings summed {v['predicted']:+.5f}")
     theirs = compare(cache, rival, exec="float32", progress=Progress(f"comparing {rival.name}"))
     d = paired(theirs.kl, v["kl"], v["chunk"], quantiles={})["mean"]
     beats = d["low"] > 0 and v["bits_per_weight"] <= target + 1e-9

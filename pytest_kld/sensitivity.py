@@ -188,9 +188,12 @@ def settings_key(cache, quant: Path, bits: int, budget: int, seed: int) -> tuple
 
 
 def _load_stored(path: Path, key: str) -> dict | None:
+    """The stored document of ``key``, or None (absent, unreadable, another key: measured anew)."""
+    from .files import read_json
+
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        doc = read_json(path)
+    except (OSError, ValueError, KldError):
         return None
     return doc if isinstance(doc, dict) and doc.get("key") == key and doc.get("format") == FORMAT else None
 
@@ -304,6 +307,44 @@ def _run(doc, cache, reference, quant, groups, todo, lay, progress, notify, trus
     finally:
         bench.release()
     doc["seconds"] = float(doc.get("seconds", 0.0)) + time.time() - t0
+
+
+def together(cache, reference, quant, doc: dict, chosen, *, progress=None, notify=None,
+             trust_remote_code: bool = False) -> dict:
+    """The saving of putting every ``(group, width)`` of ``chosen`` back at once, on the
+    document's sample, paired with the unmodified quant (``{diff, se, low, high}``): what a
+    recipe's summed single savings predict, measured in one pass. Kept in the document
+    (``doc["together"]``, by the set chosen) and stored with it: a rerun is instant."""
+    from .hub import resolve_model
+    from .intervals import paired
+
+    chosen = sorted((str(g), int(w)) for g, w in chosen)
+    key = ", ".join(f"{g}@{w}" for g, w in chosen)
+    kept = doc.setdefault("together", {})
+    if key in kept:
+        return kept[key]
+    groups = {g["name"]: Group.from_dict(g) for g in doc["groups"] + doc["coarse"]}
+    t0 = time.time()
+    bench = Bench(cache, resolve_model(reference), resolve_model(quant), doc["model"], doc["chunks"],
+                  trust_remote_code=trust_remote_code)
+    try:
+        def tick(offset):
+            return None if progress is None else lambda d, _t: (d or not offset) and progress(offset + d, 2 * bench.tokens)
+
+        base, olds = bench.kl(tick(0)), []
+        try:
+            for g, w in chosen:
+                olds.append(bench.swap(groups[g], w))
+            kl = bench.kl(tick(bench.tokens))
+        finally:
+            for old in reversed(olds):
+                bench.restore(old)
+        kept[key] = paired(base, kl, bench.cluster(), quantiles={})["mean"]
+    finally:
+        bench.release()
+    doc["seconds"] = float(doc.get("seconds", 0.0)) + time.time() - t0
+    _save(store_path(cache, doc["key"]), doc, notify)
+    return kept[key]
 
 
 def ranking(doc: dict, width: int | None = None, *, coarse: bool = True) -> list[dict]:

@@ -109,6 +109,13 @@ def _recipe(cache, reference, doc, args) -> dict:
 
     recipe, new = plan_measured(doc, remeasure, target_bpw=args.target_bpw, target_kld=args.target_kld)
     doc.update(new)
+    if recipe["groups"]:  # the summed single savings checked in one pass with every group put back
+        from .sensitivity import together
+
+        recipe["together"] = together(cache, reference, args.quant, doc,
+                                      [(g["group"], g["width"]) for g in recipe["groups"]],
+                                      progress=Progress(f"the recipe's groups together on {args.quant}'s sample"),
+                                      notify=lambda line: print(line, file=sys.stderr, flush=True))
     if args.recipe:
         py, js = write(recipe, args.recipe)
         print(f"pytest-kld: recipe written to {py} (quant_predicate) and {js}", file=sys.stderr)
@@ -133,6 +140,11 @@ def _text(doc: dict, report: dict, top) -> list[str]:
             width = "reference dtype" if g["width"] == 0 else f"{g['width']} bits"
             out.append(f"  {g['group']:<28} {width:>15}  saves {g['predicted_saving']:+.5f}  +{g['added_bpw']:.4f} bits/w"
                        + ("" if g["measured_at_width"] else "  (predicted from --bits)"))
+        t = r.get("together")
+        if t:
+            out.append(f"the groups put back together, on the same {doc['positions']} positions: saving {t['diff']:+.5f} "
+                       f"[{t['low']:+.5f}, {t['high']:+.5f}] (the sum of their single savings: "
+                       f"{r['predicted_saving']:+.5f}; savings do not add exactly)")
         v = r.get("verified")
         if v:
             m = v["measured"]

@@ -85,6 +85,29 @@ def test_the_reference_as_its_own_quant_saves_exactly_zero(arch, tiny_model, cac
     assert "\n" not in str(e.value)
 
 
+def test_groups_put_back_together(tiny_model, cache_for, monkeypatch):
+    """``together``: one group alone saves exactly its ranked saving (same chunks, same swap);
+    every group at the reference's own weights is the reference, so the saving is the quant's
+    whole mean; the result is stored with the ranking and a rerun runs nothing."""
+    cache, ref, quant = cache_for("llama"), tiny_model("llama"), tiny_model("llama", bits=3)
+    doc = sensitivity.measure(cache, ref, quant, budget=400)
+    top = sensitivity.ranking(doc)[0]
+    one = sensitivity.together(cache, ref, quant, doc, [(top["group"], 8)])
+    assert {k: one[k] for k in ("diff", "se", "low", "high")} == {k: top[k] for k in ("diff", "se", "low", "high")}
+    every = [(g["name"], 0) for g in doc["groups"]]
+    whole = sensitivity.together(cache, ref, quant, doc, every)
+    assert whole["diff"] == pytest.approx(doc["base_mean"], rel=1e-12) and whole["low"] > 0
+    stored = json.loads(sensitivity.store_path(cache, doc["key"]).read_text())["together"]
+    assert len(stored) == 2 and stored[", ".join(sorted(f"{g}@0" for g, _ in every))] == whole
+
+    def no_model(*a, **k):
+        raise AssertionError("a stored result is measured again")
+
+    monkeypatch.setattr(sensitivity, "Bench", no_model)
+    again = sensitivity.measure(cache, ref, quant, budget=400)
+    assert sensitivity.together(cache, ref, quant, again, list(reversed(every))) == whole
+
+
 def test_groups_per_layer_and_role(tiny_model):
     """Tied and untied heads, MoE experts, router and shared expert apart, linear attention."""
     ref = tiny_model("qwen3_5_moe")
@@ -149,8 +172,10 @@ def test_cli_recipe_round_trips_through_convert(tiny_model, tmp_path, prose_file
             "--markdown", str(tmp_path / "s.md")]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "sensitivity of" in out and "verified on" in out
+    assert "sensitivity of" in out and "verified on" in out and "the groups put back together, on the same" in out
     report = json.loads((tmp_path / "s.json").read_text())
+    t = report["recipe"]["together"]  # the groups put back at once, on the ranking's sample
+    assert t["low"] <= t["diff"] <= t["high"] and t["diff"] > 0
     recipe, ranking = report["recipe"], report["sensitivity"]["ranking"]
     assert report["sensitivity"]["direction"] == "KL(reference || quant)" and len(ranking) == 6
     assert recipe["groups"] and recipe["predicted_bpw"] <= target + 1e-9
