@@ -9,7 +9,8 @@ its bytes there. From that, the bits per weight that elevating a group adds are 
 
     added bits/weight = Σ_modules (new bytes − quant's bytes) · 8 / parameters of the whole model
 
-where a matrix re-quantised at ``w`` bits (affine, group ``g``) takes ``params · w / 8`` bytes
+where a matrix re-quantised at ``w`` bits (affine, group ``g``: the quant's own when affine allows
+it, else 32 — nvfp4's 16) takes ``params · w / 8`` bytes
 plus a scale and a bias per group in the reference's float dtype, and a matrix put back in the
 reference's own dtype takes ``params`` times that dtype's bytes. A matrix is never lowered: one
 the quant already stores at ``w`` bits or more (or in float) stays as it is.
@@ -42,6 +43,7 @@ class Module:
     group_size: int | None  # None for a float matrix
     quantized: bool
     quant_bytes: int  # weight + scales + biases in the quant
+    mode: str = "affine"  # the quant's mode for it (affine, mxfp4, nvfp4, mxfp8; config.json)
 
 
 @dataclass
@@ -114,7 +116,8 @@ def layout(reference: Path, quant: Path) -> Layout:
             f"{len(extra)} matrices the reference does not have (e.g. {extra[0]})")
         raise ModelError(f"{quant}: its module layout does not match the reference {reference}: {what}; "
                          "a quant must be made from this reference")
-    modules = [_module(quant, p, mats[p], q) for p in sorted(mats)]
+    modes = _modes(Path(quant))
+    modules = [_module(quant, p, mats[p], q, modes) for p in sorted(mats)]
     dtypes = [ref[p + ".weight"]["dtype"] for p in mats]
     tied = not any(tensor_role(p) == "lm_head" for p in mats)
     params = sum(_prod(t["shape"]) for t in ref.values())
@@ -122,7 +125,21 @@ def layout(reference: Path, quant: Path) -> Layout:
                   any(m.quantized for m in modules), tied)
 
 
-def _module(quant: Path, path: str, ref_t: dict, q: dict) -> Module:
+def _modes(quant: Path) -> dict:
+    """The quant's quantisation modes from its config.json: ``{module path or "": mode}``."""
+    import json
+
+    try:
+        qconf = json.loads((quant / "config.json").read_text(encoding="utf-8")).get("quantization")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    if not isinstance(qconf, dict):
+        return {}
+    out = {k: v["mode"] for k, v in qconf.items() if isinstance(v, dict) and isinstance(v.get("mode"), str)}
+    return {**out, "": qconf["mode"]} if isinstance(qconf.get("mode"), str) else out
+
+
+def _module(quant: Path, path: str, ref_t: dict, q: dict, modes: dict) -> Module:
     shape = [int(s) for s in ref_t["shape"]]
     n_in, params = shape[-1], _prod(shape)
     w, s = q[path + ".weight"], q.get(path + ".scales")
@@ -137,7 +154,8 @@ def _module(quant: Path, path: str, ref_t: dict, q: dict) -> Module:
     if rem or not groups or n_in % groups or [int(x) for x in w["shape"][:-1]] != shape[:-1]:
         raise ModelError(f"{quant}: {path} (weight {w['shape']}, scales {s['shape']}) is not a quantisation of "
                          f"the reference's {shape} matrix: its module layout does not match the reference's")
-    return Module(path, params, n_in, int(bits), n_in // groups, True, sum(_nbytes(t) for t in owned))
+    mode = "affine" if path + ".biases" in q else modes.get(path, modes.get("", "mxfp4"))
+    return Module(path, params, n_in, int(bits), n_in // groups, True, sum(_nbytes(t) for t in owned), mode)
 
 
 def _group(modules: list[Module], tied: bool) -> list[Group]:
@@ -163,12 +181,16 @@ def elevated(m: Module, width: int) -> bool:
     return width == FLOAT or (m.quantized and m.bits < width)
 
 
+def affine_group(m: Module) -> int:
+    """The group size ``m`` is re-quantised at (affine): the quant's, when affine takes it."""
+    return m.group_size if m.group_size in (32, 64, 128) else 32 if m.group_size else 64
+
+
 def new_bytes(m: Module, width: int, ref_dtype_bytes: int) -> int:
-    """Bytes of ``m`` at ``width`` (affine, the quant's group size; FLOAT: the reference's dtype)."""
+    """Bytes of ``m`` at ``width`` (affine, :func:`affine_group`; FLOAT: the reference's dtype)."""
     if width == FLOAT:
         return m.params * ref_dtype_bytes
-    gs = m.group_size or 64
-    return m.params * width // 8 + 2 * (m.params // gs) * ref_dtype_bytes
+    return m.params * width // 8 + 2 * (m.params // affine_group(m)) * ref_dtype_bytes
 
 
 def added_bpw(group: Group, width: int, lay: Layout) -> float:

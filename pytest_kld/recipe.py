@@ -15,9 +15,10 @@ quantisation noise's variance, by 4 per bit (RTN: the step halves per bit):
 Savings of several groups do not add exactly (a damaged layer's error propagates through the
 others); :func:`verify` measures the built recipe, and how far off the prediction was.
 
-The recipe reproduces the quant's own layout (its per-module widths, group sizes and float
-matrices) with round-to-nearest affine quantisation from the reference: a GPTQ, AWQ or DWQ
-quant's calibrated weights are not what ``mlx_lm.convert`` makes.
+The recipe reproduces the quant's own layout (its per-module widths, group sizes, modes — affine,
+mxfp4, nvfp4, mxfp8 — and float matrices) with round-to-nearest quantisation from the reference,
+the raised groups affine (at the quant's group size where affine takes it, else 32): a GPTQ, AWQ
+or DWQ quant's calibrated weights are not what ``mlx_lm.convert`` makes.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import math
 from pathlib import Path
 
 from .errors import KldError
-from .groups import FLOAT, Group, added_bpw, elevated, widths
+from .groups import FLOAT, Group, added_bpw, affine_group, elevated, widths
 
 
 class _Sizes:  # what added_bpw reads from a Layout
@@ -103,26 +104,27 @@ def plan_measured(doc: dict, remeasure, *, target_bpw: float | None = None,
 
 def _modules(groups: list[Group], chosen: dict[str, int]) -> dict:
     """``{"base": {bits, group_size, mode}, "modules": {path: params | False}}``: every matrix not
-    at the base (the quant's own overrides and float matrices, and the raised groups)."""
+    at the base (the quant's own overrides and float matrices, and the raised groups, affine)."""
     weight: dict[tuple, int] = {}
     for g in groups:
         for m in g.modules:
             if m.quantized:
-                weight[(m.bits, m.group_size)] = weight.get((m.bits, m.group_size), 0) + m.params
+                key = (m.bits, m.group_size, m.mode)
+                weight[key] = weight.get(key, 0) + m.params
     if not weight:
         raise KldError("no quantised matrices: there is no base quantisation to write a recipe for")
-    bits, gs = max(weight, key=lambda k: (weight[k], -k[0]))
+    base = max(weight, key=lambda k: (weight[k], -k[0]))
     modules: dict[str, object] = {}
     for g in groups:
         w = chosen.get(g.name)
         for m in g.modules:
             if w is not None and elevated(m, w):
-                modules[m.path] = False if w == FLOAT else {"bits": w, "group_size": m.group_size, "mode": "affine"}
+                modules[m.path] = False if w == FLOAT else {"bits": w, "group_size": affine_group(m), "mode": "affine"}
             elif not m.quantized:
                 modules[m.path] = False
-            elif (m.bits, m.group_size) != (bits, gs):
-                modules[m.path] = {"bits": m.bits, "group_size": m.group_size, "mode": "affine"}
-    return {"base": {"bits": bits, "group_size": gs, "mode": "affine"}, "modules": modules}
+            elif (m.bits, m.group_size, m.mode) != base:
+                modules[m.path] = {"bits": m.bits, "group_size": m.group_size, "mode": m.mode}
+    return {"base": dict(zip(("bits", "group_size", "mode"), base)), "modules": modules}
 
 
 def predicate(recipe: dict):

@@ -38,7 +38,7 @@ import numpy as np
 
 from .errors import KldError
 from .explain import table, what
-from .groups import FLOAT, Group, added_bpw, elevated, layout
+from .groups import FLOAT, Group, added_bpw, affine_group, elevated, layout
 from .options import SENSITIVITY_BITS, SENSITIVITY_BUDGET
 
 FORMAT = 1
@@ -144,7 +144,7 @@ class Bench:
                 continue
             w = self._reference_weight(m.path + ".weight")
             if width != FLOAT:
-                gs = m.group_size or 64
+                gs = affine_group(m)
                 wq, scales, biases = mx.quantize(w, gs, width)
                 w = mx.dequantize(wq, scales.astype(mx.float32), biases.astype(mx.float32), gs, width,
                                   dtype=mx.float32)

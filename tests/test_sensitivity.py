@@ -108,6 +108,28 @@ def test_groups_put_back_together(tiny_model, cache_for, monkeypatch):
     assert sensitivity.together(cache, ref, quant, again, list(reversed(every))) == whole
 
 
+def test_a_recipe_keeps_the_quants_own_mode(tiny_model, cache_for, tmp_path):
+    """An mxfp4 quant (no biases, uint8 scales, group 32): its groups carry the mode, the
+    recipe's base is mxfp4 at group 32 and its raised groups affine; mlx-lm builds it, the built
+    config says so, and the built bits per weight are the predicted ones."""
+    from pytest_kld import recipe
+    from pytest_kld.quantinfo import model_info
+
+    ref = tiny_model("llama")
+    quant = quantize(ref, tmp_path / "mx", bits=4, group_size=32, mode="mxfp4")
+    doc = sensitivity.measure(cache_for("llama"), ref, quant, budget=400)
+    assert {m["mode"] for g in doc["groups"] for m in g["modules"] if m["quantized"]} == {"mxfp4"}
+    assert sensitivity.ranking(doc)[0]["low"] > 0
+    planned = recipe.plan(doc, target_bpw=model_info(quant).bits_per_weight + 0.5)
+    assert planned["groups"] and planned["base"] == {"bits": 4, "group_size": 32, "mode": "mxfp4"}
+    raised = {p: v for p, v in planned["modules"].items() if v}
+    assert raised and all(v["mode"] == "affine" and v["bits"] > 4 for v in raised.values())
+    built = recipe.build(ref, planned, tmp_path / "built")
+    config = json.loads((built / "config.json").read_text())["quantization"]
+    assert config["mode"] == "mxfp4" and all(config[p] == v for p, v in raised.items())
+    assert model_info(built).bits_per_weight == pytest.approx(planned["predicted_bpw"], abs=1e-6)
+
+
 def test_groups_per_layer_and_role(tiny_model):
     """Tied and untied heads, MoE experts, router and shared expert apart, linear attention."""
     ref = tiny_model("qwen3_5_moe")
