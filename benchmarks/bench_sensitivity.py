@@ -69,7 +69,7 @@ def recipe_against(cache, reference, quant: Path, rival: Path, args) -> bool:
     from pytest_kld.intervals import paired
     from pytest_kld.progress import Progress
     from pytest_kld.quantinfo import model_info
-    from pytest_kld.recipe import plan_measured, verify, write
+    from pytest_kld.recipe import calibrated, plan_measured, verify, write
     from pytest_kld.sensitivity import measure, together
 
     def remeasure(extra=()):
@@ -78,8 +78,10 @@ def recipe_against(cache, reference, quant: Path, rival: Path, args) -> bool:
 
     target = model_info(rival).bits_per_weight
     recipe, doc = plan_measured(remeasure(), remeasure, target_bpw=target)
-    t = together(cache, reference, quant, doc, [(g["group"], g["width"]) for g in recipe["groups"]],
-                 progress=Progress(f"the recipe's groups together on {quant.name}'s sample"))
+    recipe, doc = calibrated(doc, recipe, remeasure, lambda d, chosen: together(
+        cache, reference, quant, d, chosen, progress=Progress(f"the recipe's groups together on {quant.name}'s sample")),
+        target_bpw=target)
+    t = recipe["together"]
     Path(args.out).mkdir(parents=True, exist_ok=True)  # a --out given that does not exist yet
     out = Path(args.out) / f"recipe-{quant.name}-{rival.name}"
     shutil.rmtree(out, ignore_errors=True)

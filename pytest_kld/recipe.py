@@ -102,6 +102,31 @@ def plan_measured(doc: dict, remeasure, *, target_bpw: float | None = None,
     return recipe, doc
 
 
+def calibrated(doc: dict, recipe: dict, remeasure, joint, *, target_bpw: float | None = None,
+               target_kld: float | None = None, rounds: int = 3) -> tuple[dict, dict]:
+    """(recipe, doc) with ``recipe["together"]``: the chosen groups' saving measured with all of
+    them put back at once on the ranking's sample (``joint(doc, list of (group, width)) -> {diff,
+    se, low, high}``), which summed single savings overpredict. With ``target_kld``: while the mean
+    measured that way misses the target, plan again (:func:`plan_measured`), asking the sums for
+    the shortfall scaled by how far they overpredicted, at most ``rounds`` times;
+    ``recipe["planned_kld"]`` is the target the last plan was made for, ``recipe["reached"]``
+    whether the groups together reach ``target_kld`` on the sample."""
+    base, planned = float(doc["base_mean"]), target_kld
+    for i in range(rounds + 1):
+        t = recipe["together"] = joint(doc, [(g["group"], g["width"]) for g in recipe["groups"]])
+        if target_kld is None or base - t["diff"] <= target_kld or t["diff"] <= 0 or i == rounds:
+            break
+        planned = base - (base - target_kld) * recipe["predicted_saving"] / t["diff"]
+        again, doc = plan_measured(doc, remeasure, target_bpw=target_bpw, target_kld=planned)
+        if again["groups"] == recipe["groups"]:  # nothing more fits: the budget or the groups are spent
+            break
+        recipe = again
+    recipe["target_kld"], recipe["planned_kld"] = target_kld, planned
+    if target_kld is not None:
+        recipe["reached"] = base - recipe["together"]["diff"] <= target_kld
+    return recipe, doc
+
+
 def _modules(groups: list[Group], chosen: dict[str, int]) -> dict:
     """``{"base": {bits, group_size, mode}, "modules": {path: params | False}}``: every matrix not
     at the base (the quant's own overrides and float matrices, and the raised groups, affine)."""

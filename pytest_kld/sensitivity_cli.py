@@ -110,12 +110,17 @@ def _recipe(cache, reference, doc, args) -> dict:
     recipe, new = plan_measured(doc, remeasure, target_bpw=args.target_bpw, target_kld=args.target_kld)
     doc.update(new)
     if recipe["groups"]:  # the summed single savings checked in one pass with every group put back
+        from .recipe import calibrated
         from .sensitivity import together
 
-        recipe["together"] = together(cache, reference, args.quant, doc,
-                                      [(g["group"], g["width"]) for g in recipe["groups"]],
-                                      progress=Progress(f"the recipe's groups together on {args.quant}'s sample"),
-                                      notify=lambda line: print(line, file=sys.stderr, flush=True))
+        def joint(current, chosen):
+            return together(cache, reference, args.quant, current, chosen,
+                            progress=Progress(f"the recipe's groups together on {args.quant}'s sample"),
+                            notify=lambda line: print(line, file=sys.stderr, flush=True))
+
+        recipe, new = calibrated(doc, recipe, remeasure, joint, target_bpw=args.target_bpw,
+                                 target_kld=args.target_kld)
+        doc.update(new)
     if args.recipe:
         py, js = write(recipe, args.recipe)
         print(f"pytest-kld: recipe written to {py} (quant_predicate) and {js}", file=sys.stderr)
@@ -145,6 +150,11 @@ def _text(doc: dict, report: dict, top) -> list[str]:
             out.append(f"the groups put back together, on the same {doc['positions']} positions: saving {t['diff']:+.5f} "
                        f"[{t['low']:+.5f}, {t['high']:+.5f}] (the sum of their single savings: "
                        f"{r['predicted_saving']:+.5f}; savings do not add exactly)")
+        if r.get("target_kld") is not None:
+            replanned = "" if r["planned_kld"] == r["target_kld"] else (
+                f"; planned again on the single savings for {r['planned_kld']:.5f}, as they overpredict")
+            out.append(f"target mean {r['target_kld']:.5f}: the groups together read {r['quant_mean'] - t['diff']:.5f} "
+                       f"on the sample, {'reached' if r['reached'] else 'NOT reached (no more groups fit)'}{replanned}")
         v = r.get("verified")
         if v:
             m = v["measured"]

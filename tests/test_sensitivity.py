@@ -130,6 +130,40 @@ def test_a_recipe_keeps_the_quants_own_mode(tiny_model, cache_for, tmp_path):
     assert model_info(built).bits_per_weight == pytest.approx(planned["predicted_bpw"], abs=1e-6)
 
 
+def test_a_kld_target_is_planned_again_until_the_groups_together_reach_it(tiny_model, cache_for):
+    """``recipe.calibrated`` with ``target_kld``: when the groups put back together save half what
+    their single savings sum to (a stand-in for ``together``), the first plan misses the target on
+    the sample; planned again for the shortfall scaled by that factor, it reaches it. A target no
+    recipe reaches ends after the rounds allowed, said as not reached."""
+    from pytest_kld import recipe
+
+    cache, ref, quant = cache_for("llama"), tiny_model("llama"), tiny_model("llama", bits=3)
+
+    def remeasure(extra=()):
+        return sensitivity.measure(cache, ref, quant, budget=400, extra=extra)
+
+    doc, calls = remeasure(), []
+    groups = {g["name"]: sensitivity.Group.from_dict(g) for g in doc["groups"]}
+
+    def half(current, chosen):  # the sums overpredict by a factor of 2
+        calls.append(list(chosen))
+        return {"diff": 0.5 * sum(recipe.predicted_saving(current, groups[g], w) for g, w in chosen),
+                "se": 0.0, "low": 0.0, "high": 0.0}
+
+    base = doc["base_mean"]
+    everything = recipe.plan(doc, target_kld=-1.0)["predicted_saving"]
+    target = base - 0.3 * everything  # the sums must reach 0.6 of everything
+    first, doc = recipe.plan_measured(doc, remeasure, target_kld=target)
+    assert base - half(doc, [(g["group"], g["width"]) for g in first["groups"]])["diff"] > target  # missed
+    calls.clear()
+    done, _ = recipe.calibrated(doc, first, remeasure, half, target_kld=target)
+    assert done["reached"] and base - done["together"]["diff"] <= target and done["target_kld"] == target
+    assert done["planned_kld"] < target and len(calls) >= 2 and len(done["groups"]) > len(first["groups"])
+    calls.clear()
+    never, _ = recipe.calibrated(doc, first, remeasure, half, target_kld=0.0, rounds=2)
+    assert never["reached"] is False and len(calls) <= 3
+
+
 def test_groups_per_layer_and_role(tiny_model):
     """Tied and untied heads, MoE experts, router and shared expert apart, linear attention."""
     ref = tiny_model("qwen3_5_moe")
