@@ -107,9 +107,9 @@ OPTIONS: tuple[Option, ...] = (
            "on this machine; 1..256)", minimum=1, maximum=256),
     Option("backend", str, None, "mlx.launch backend of a distributed reference build",
            choices=DIST_BACKENDS, default_text="the hostfile's, else ring"),
-    Option("explain", bool, False, "when an assert_kld fails, measure which groups of tensors cause the quant's "
-           "KLD (pytest-kld sensitivity at its defaults, stored beside the cache) and name the top ones in the "
-           "message", marker=True),
+    Option("explain", bool, False, "when a check fails (assert_kld, or compare's thresholds), measure which "
+           "groups of tensors cause the quant's KLD (pytest-kld sensitivity at its defaults, stored beside the "
+           "cache), name the top ones in the message and add them to the leaderboard", marker=True),
     Option("shard-quants", bool, False, "run each compared model sharded over the same ranks too (a quant too "
            "large for one machine); by default quants run in this process"),
 )
