@@ -3,7 +3,9 @@
 ``Progress(label)(done, total)`` hears tokens run so far (``(0, total)`` first). On a terminal
 the line updates in place (``\\r``) twice a second; anywhere else (CI logs, files) a new line every
 :data:`LOG_EVERY` seconds, so a log never fills with carriage returns and never goes quiet for
-long. Each line says tokens done, the rate and the time left.
+long. Each line says tokens done, the rate and the time left. A sensitivity run counts whole-model
+tokens: a pass that replays the layers before its group counts its tokens by the share of the
+model's weights it runs (:meth:`pytest_kld.sensitivity.Bench.work`), so the rate and the ETA hold.
 """
 
 from __future__ import annotations

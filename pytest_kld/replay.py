@@ -45,6 +45,17 @@ def enabled() -> bool:
     return os.environ.get("PYTEST_KLD_REPLAY", "").strip() != "0"
 
 
+def weights(module) -> int:
+    """The elements of ``module``'s matrices, a quantised one counted unpacked: roughly what a
+    token costs in it (a mixture of experts counted whole). Only the progress uses it."""
+    n = 0
+    for _, m in module.named_modules():
+        w = m.get("weight")
+        if w is not None and w.ndim >= 2:
+            n += int(w.size) * (32 // int(m.bits) if "scales" in m and getattr(m, "bits", 0) else 1)
+    return n
+
+
 def find_layer(model, path: str) -> tuple[list, int] | None:
     """(the python list that the module ``path`` goes through, the index it takes there), or None
     when the path meets no list (the embedding, the head) or does not resolve."""

@@ -72,7 +72,7 @@ class Bench:
         from .forward import load_model
 
         self.cache, self.reference, self.chunk_ids, self.name = cache, Path(reference), list(chunk_ids), name
-        self.replay, self.starts = None, {}
+        self.replay, self.starts, self.costs = None, {}, None
         self.lm = load_model(quant, "float32", trust_remote_code=trust_remote_code)
         try:
             check_tokenizer(cache, self.lm.tokenizer, name)
@@ -81,7 +81,8 @@ class Bench:
             raise
         self.modules = dict(self.lm.model.named_modules())
         self.files = _tensor_files(self.reference)
-        self.tokens = int(sum(int(cache.score_ranges[i][1]) for i in self.chunk_ids))
+        self.ends = [int(cache.score_ranges[i][1]) for i in self.chunk_ids]
+        self.tokens = sum(self.ends)
 
     def plan(self, groups: dict[str, Group]) -> None:
         """Set up the replay of the layers before each of ``groups`` (:mod:`pytest_kld.replay`):
@@ -93,6 +94,22 @@ class Bench:
         layers, self.starts = replay.plan(self.lm.model, {g: [m.path for m in grp.modules] for g, grp in groups.items()})
         if layers is not None and self.starts and replay.enabled():
             self.replay = replay.Replay(layers, self.starts.values(), self.tokens)
+            per = [replay.weights(layer) for layer in layers]
+            self.costs = (per, max(0, replay.weights(self.lm.model) - sum(per)))
+
+    def share(self, i: int, start: int | None) -> float:
+        """The share of the whole model that chunk ``i``'s pass from layer ``start`` runs, by
+        weight elements (1 when it runs every layer)."""
+        r, ct, e = self.replay, self.cache.settings.chunk_tokens, self.ends[self.chunk_ids.index(i)]
+        if r is None or not r.on or not start or (i not in r.states if r.recorded else bool(ct) and e > ct):
+            return 1.0
+        per, rest = self.costs
+        return (sum(per[start:]) + rest) / max(1, sum(per) + rest)
+
+    def work(self, start: int | None = None) -> int:
+        """Whole-model tokens a pass from layer ``start`` is worth. The progress counts these, so
+        its rate and ETA hold while replayed passes run a part of the model."""
+        return round(sum(e * self.share(i, start) for i, e in zip(self.chunk_ids, self.ends)))
 
     def base(self, progress=None, notify=None) -> np.ndarray:
         """The quant's own KL, recording the layers' inputs; then the replay's safety net: at
@@ -116,18 +133,18 @@ class Bench:
         c, ct, r = self.cache, self.cache.settings.chunk_tokens, self.replay
         vocab = int(c.manifest["vocab_size"])
         ranges = [tuple(int(v) for v in c.score_ranges[i]) for i in self.chunk_ids]
-        out, done = [], 0
+        out, done, total = [], 0.0, self.work(start)
         if progress is not None:
-            progress(0, self.tokens)
+            progress(0, total)
         for i, (s, e) in zip(self.chunk_ids, ranges):
             with r.around(i, start, single=not ct or e <= ct, tokens=e) if r is not None else nullcontext():
                 for row, lg in iter_chunk_logprobs(self.lm.model, c.chunk(i)[:e], s, e, chunk_tokens=ct, vocab=vocab,
                                                    raw=True):
                     out.append(position_stats(c.rows(i, row, row + int(lg.shape[0])), lg, "numpy").kl)
                     del lg
-            done += e
+            done += e * self.share(i, start)
             if progress is not None:
-                progress(done, self.tokens)
+                progress(round(done), total)
         return np.concatenate(out) if out else np.zeros(0)
 
     def cluster(self) -> np.ndarray:
@@ -280,16 +297,17 @@ def _run(doc, cache, reference, quant, groups, todo, lay, progress, notify, trus
     bench = Bench(cache, reference, quant, doc["model"], doc["chunks"], trust_remote_code=trust_remote_code)
     try:
         runs = [(g, w) for g, w in todo if any(elevated(m, w) for m in groups[g].modules)]
-        total = bench.tokens * (1 + len(runs))
-        done = [0]
+        bench.plan({g: groups[g] for g, _ in runs})
+        done = [0, 0]  # whole-model tokens run, and to run (:meth:`Bench.work`)
 
         def tick(d, _t):
             if progress is not None and (d or not done[0]):
-                progress(done[0] + d, total)
+                progress(done[0] + d, done[1])
 
-        bench.plan({g: groups[g] for g, _ in runs})
+        done[1] = bench.work() + sum(bench.work(bench.starts.get(g)) for g, _ in runs)
         base = bench.base(tick, notify)
-        done[0] += bench.tokens
+        done[0] = bench.work()
+        done[1] = done[0] + sum(bench.work(bench.starts.get(g)) for g, _ in runs)  # recorded or not, now known
         cluster = bench.cluster()
         doc["base_mean"] = float(np.mean(base)) if base.size else math.nan
         for g, w in todo:
@@ -301,7 +319,7 @@ def _run(doc, cache, reference, quant, groups, todo, lay, progress, notify, trus
                     kl = bench.kl(tick, bench.starts.get(g))
                 finally:
                     bench.restore(old)
-                done[0] += bench.tokens
+                done[0] += bench.work(bench.starts.get(g))
                 entry.update(paired(base, kl, cluster, quantiles={})["mean"])  # base − elevated: the saving
             doc["savings"].setdefault(g, {})[str(w)] = entry
     finally:

@@ -43,9 +43,10 @@ def cache_ct(tiny_model, prose_spec, records_spec, tmp_path_factory):
 
 
 def run(cache, ref, quant, monkeypatch, *, on: bool, budget=250):
-    """(the document, the Replay objects made, the notes) of a fresh measurement (no store)."""
+    """(the document, the Replay objects made, the notes) of a fresh measurement (no store); the
+    progress calls heard go to ``run.heard``."""
     shutil.rmtree(sensitivity.store_path(cache, "x").parent, ignore_errors=True)
-    made, notes = [], []
+    made, notes, run.heard = [], [], []
 
     class Spy(replay.Replay):
         def __init__(self, *a, **k):
@@ -55,8 +56,18 @@ def run(cache, ref, quant, monkeypatch, *, on: bool, budget=250):
     with monkeypatch.context() as m:
         m.setattr(replay, "Replay", Spy)
         m.setenv("PYTEST_KLD_REPLAY", "1" if on else "0")
-        doc = sensitivity.measure(cache, ref, quant, bits=8, budget=budget, notify=notes.append)
+        doc = sensitivity.measure(cache, ref, quant, bits=8, budget=budget, notify=notes.append,
+                                  progress=lambda d, t: run.heard.append((d, t)))
     return doc, made, notes
+
+
+def check_progress(heard, *, at_most: int):
+    """Whole-model tokens heard: from 0, never back, ending at the total of the last estimate,
+    which is at most ``at_most``."""
+    assert heard[0][0] == 0
+    assert all(a[0] <= b[0] for a, b in zip(heard, heard[1:]))
+    assert heard[-1][0] == heard[-1][1] <= at_most
+    return heard[-1][1]
 
 
 def single_piece(cache, doc) -> list[bool]:
@@ -74,8 +85,13 @@ def test_replay_gives_the_full_passes_savings_bit_for_bit(arch, chunk_tokens, ti
     cache = cache_ct(arch, chunk_tokens)
     ref, quant = tiny_model(arch), tiny_model(arch, bits=4)
     fast, made, notes = run(cache, ref, quant, monkeypatch, on=True)
+    fast_heard = run.heard
     slow, none, _ = run(cache, ref, quant, monkeypatch, on=False)
     assert not none and not notes
+    runs = sum(s["8"]["measured"] for s in slow["savings"].values())
+    whole = sum(int(cache.score_ranges[i][1]) for i in slow["chunks"]) * (1 + runs)
+    assert check_progress(run.heard, at_most=whole) == whole  # every pass the whole model
+    assert check_progress(fast_heard, at_most=whole) < whole  # the replayed passes count their share
     assert fast["base_mean"] == slow["base_mean"] and fast["base_mean"] > 0
     assert fast["savings"] == slow["savings"]
     (r,) = made
@@ -99,6 +115,9 @@ def test_the_safety_net_falls_back_when_the_replay_disagrees(tiny_model, cache_c
     monkeypatch.setattr(replay._Skip, "__call__", lambda self, h, *a, **k: h)
     fast, (r,), notes = run(cache, ref, quant, monkeypatch, on=True)
     assert not r.on and "does not reproduce the quant's own pass bit for bit" in r.why
+    whole = sum(int(cache.score_ranges[i][1]) for i in slow["chunks"]) * (1 + sum(
+        s["8"]["measured"] for s in slow["savings"].values()))
+    assert check_progress(run.heard, at_most=whole) == whole  # estimated with the replay, then known to be off
     assert r.replayed == len(fast["chunks"])  # the safety net's pass only
     assert len(notes) == 1 and "every group runs the whole model" in notes[0]
     assert fast["savings"] == slow["savings"] and fast["base_mean"] == slow["base_mean"]
