@@ -176,33 +176,77 @@ def _group(modules: list[Module], tied: bool) -> list[Group]:
     return sorted(by.values(), key=lambda g: (g.layer is not None, g.layer or 0, order.get(g.role, 99)))
 
 
-def elevated(m: Module, width: int) -> bool:
-    """Whether putting ``m`` back at ``width`` bits (FLOAT: the reference's dtype) changes it."""
-    return width == FLOAT or (m.quantized and m.bits < width)
+def step(width) -> tuple[int, int | None]:
+    """(bits, group size) of a width: an int is bits at the module's own affine group size
+    (None, :func:`affine_group`); ``"<bits>g<size>"`` is bits at a given group size (a finer
+    group: more scales, each over fewer weights)."""
+    if isinstance(width, str) and "g" in width:
+        b, g = width.split("g")
+        return int(b), int(g)
+    return int(width), None
 
 
-def affine_group(m: Module) -> int:
-    """The group size ``m`` is re-quantised at (affine): the quant's, when affine takes it."""
-    return m.group_size if m.group_size in (32, 64, 128) else 32 if m.group_size else 64
+def width_key(width):
+    """A width as the recipe and the stored savings spell it: an int, or ``"<bits>g<size>"``."""
+    b, g = step(width)
+    return b if g is None else f"{b}g{g}"
 
 
-def new_bytes(m: Module, width: int, ref_dtype_bytes: int) -> int:
+def spell(width) -> str:
+    """A width in words: "8 bits", "4 bits, group 32", "reference dtype"."""
+    if width == FLOAT:
+        return "reference dtype"
+    b, g = step(width)
+    return f"{b} bits" + ("" if g is None else f", group {g}")
+
+
+def elevated(m: Module, width) -> bool:
+    """Whether putting ``m`` back at ``width`` (FLOAT: the reference's dtype) changes it: more
+    bits, or as many at a smaller group size than the quant's."""
+    if width == FLOAT:
+        return True
+    b, g = step(width)
+    return m.quantized and (m.bits < b or (g is not None and m.bits == b and g < (m.group_size or 0)))
+
+
+def affine_group(m: Module, width=None) -> int:
+    """The group size ``m`` is re-quantised at (affine): the width's own, else the quant's when
+    affine takes it."""
+    g = None if width is None else step(width)[1]
+    return g or (m.group_size if m.group_size in (32, 64, 128) else 32 if m.group_size else 64)
+
+
+def new_bytes(m: Module, width, ref_dtype_bytes: int) -> int:
     """Bytes of ``m`` at ``width`` (affine, :func:`affine_group`; FLOAT: the reference's dtype)."""
     if width == FLOAT:
         return m.params * ref_dtype_bytes
-    return m.params * width // 8 + 2 * (m.params // affine_group(m)) * ref_dtype_bytes
+    return m.params * step(width)[0] // 8 + 2 * (m.params // affine_group(m, width)) * ref_dtype_bytes
 
 
-def added_bpw(group: Group, width: int, lay: Layout) -> float:
+def added_bpw(group: Group, width, lay: Layout) -> float:
     """Bits per weight of the whole model that putting ``group`` back at ``width`` adds."""
     delta = sum(new_bytes(m, width, lay.ref_dtype_bytes) - m.quant_bytes for m in group.modules if elevated(m, width))
     return delta * 8 / lay.params if lay.params else 0.0
 
 
-def widths(group: Group, top: int) -> list[int]:
+def finer(group: Group, sizes) -> list[str]:
+    """The finer-group widths ``group`` may take: its lowest width at each of ``sizes`` smaller
+    than the group size of every affine matrix there at that width (e.g. ``"4g32"`` for a 4-bit
+    g64 group; none for a group in another mode)."""
+    q = [m for m in group.modules if m.quantized]
+    if not q:
+        return []
+    low = min(m.bits for m in q)
+    at = [m for m in q if m.bits == low]
+    return [f"{low}g{g}" for g in sorted(set(sizes), reverse=True)
+            if all(m.mode == "affine" and g < (m.group_size or 0) for m in at)]
+
+
+def widths(group: Group, top: int, sizes=()) -> list:
     """Widths a recipe may give ``group``: above its lowest quantised width, up to ``top`` (6 and 8
-    being mlx-lm's usual high widths, 7 is skipped)."""
+    being mlx-lm's usual high widths, 7 is skipped), and the finer groups of ``sizes``
+    (:func:`finer`)."""
     low = min((m.bits for m in group.modules if m.quantized), default=None)
     if low is None or top == FLOAT:
         return [top] if top == FLOAT else []
-    return [w for w in range(low + 1, top + 1) if w != 7 or top == 7]
+    return finer(group, sizes) + [w for w in range(low + 1, top + 1) if w != 7 or top == 7]

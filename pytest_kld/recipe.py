@@ -12,6 +12,10 @@ quantisation noise's variance, by 4 per bit (RTN: the step halves per bit):
 
     saving(w) = saving(bits) · (1 − 4^−(w − c)) / (1 − 4^−(bits − c)),   c = the group's lowest width
 
+A finer group size at the group's own width (``"4g32"`` for a 4-bit g64 group: twice the scales,
+half the added bits of a 5th bit) is a step too when the ranking measured it (``--group-sizes``);
+it is never predicted.
+
 Savings of several groups do not add exactly (a damaged layer's error propagates through the
 others); :func:`verify` measures the built recipe, and how far off the prediction was.
 
@@ -28,7 +32,7 @@ import math
 from pathlib import Path
 
 from .errors import KldError
-from .groups import FLOAT, Group, added_bpw, affine_group, elevated, widths
+from .groups import FLOAT, Group, added_bpw, affine_group, elevated, step, widths
 
 
 class _Sizes:  # what added_bpw reads from a Layout
@@ -36,12 +40,15 @@ class _Sizes:  # what added_bpw reads from a Layout
         self.params, self.ref_dtype_bytes = doc["params"], doc["ref_dtype_bytes"]
 
 
-def predicted_saving(doc: dict, group: Group, width: int) -> float:
-    """The saving of putting ``group`` back at ``width``: measured, else scaled from ``bits``."""
+def predicted_saving(doc: dict, group: Group, width) -> float:
+    """The saving of putting ``group`` back at ``width``: measured, else scaled from ``bits`` (a
+    finer group size is only ever measured: 0 when it was not)."""
     s = doc["savings"].get(group.name, {})
     if str(width) in s:
         return float(s[str(width)]["diff"])
     top = doc["bits"]
+    if step(width)[1] is not None:
+        return 0.0
     low = min((m.bits for m in group.modules if m.quantized), default=None)
     if str(top) not in s or low is None or top == FLOAT:
         return 0.0
@@ -57,20 +64,21 @@ def plan(doc: dict, *, target_bpw: float | None = None, target_kld: float | None
         raise KldError(f"--target-bpw {target_bpw}: below the quant's own {base_bpw:.3f} bits per weight; "
                        "a recipe only adds bits")
     room = math.inf if target_bpw is None else target_bpw - base_bpw
-    sizes = _Sizes(doc)
+    bpw = _Sizes(doc)
     groups = [Group.from_dict(g) for g in doc["groups"]]
-    chosen: dict[str, int] = {}
+    chosen: dict[str, int | str] = {}
     spent = saved = 0.0
     while target_kld is None or base_mean - saved > target_kld:
         best = None
         for g in groups:
             cur = chosen.get(g.name)
             s0 = predicted_saving(doc, g, cur) if cur is not None else 0.0
-            b0 = added_bpw(g, cur, sizes) if cur is not None else 0.0
-            for w in widths(g, doc["bits"]):
-                if cur is not None and (cur == FLOAT or w <= cur):
-                    continue
-                ds, db = predicted_saving(doc, g, w) - s0, added_bpw(g, w, sizes) - b0
+            b0 = added_bpw(g, cur, bpw) if cur is not None else 0.0
+            finer = {step(k)[1] for k in doc["savings"].get(g.name, {}) if "g" in k}  # finer groups measured
+            for w in widths(g, doc["bits"], finer):
+                if cur == FLOAT:
+                    break
+                ds, db = predicted_saving(doc, g, w) - s0, added_bpw(g, w, bpw) - b0
                 if ds > 0 and db > 0 and spent + db <= room + 1e-12 and (best is None or ds / db > best[0]):
                     best = (ds / db, g.name, w, ds, db)
         if best is None:
@@ -85,7 +93,7 @@ def plan(doc: dict, *, target_bpw: float | None = None, target_kld: float | None
         "target_bpw": target_bpw, "target_kld": target_kld,
         "groups": [{"group": n, "width": w, "predicted_saving": predicted_saving(doc, by_name[n], w),
                     "measured_at_width": str(w) in doc["savings"].get(n, {}),
-                    "added_bpw": added_bpw(by_name[n], w, sizes)} for n, w in chosen.items()],
+                    "added_bpw": added_bpw(by_name[n], w, bpw)} for n, w in chosen.items()],
         **_modules(groups, chosen),
     }
 
@@ -144,7 +152,8 @@ def _modules(groups: list[Group], chosen: dict[str, int]) -> dict:
         w = chosen.get(g.name)
         for m in g.modules:
             if w is not None and elevated(m, w):
-                modules[m.path] = False if w == FLOAT else {"bits": w, "group_size": affine_group(m), "mode": "affine"}
+                modules[m.path] = False if w == FLOAT else {"bits": step(w)[0], "group_size": affine_group(m, w),
+                                                            "mode": "affine"}
             elif not m.quantized:
                 modules[m.path] = False
             elif (m.bits, m.group_size, m.mode) != base:

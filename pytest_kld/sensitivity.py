@@ -38,7 +38,7 @@ import numpy as np
 
 from .errors import KldError
 from .explain import table, what
-from .groups import FLOAT, Group, added_bpw, affine_group, elevated, layout
+from .groups import FLOAT, Group, added_bpw, affine_group, elevated, finer, layout, step, width_key
 from .options import SENSITIVITY_BITS, SENSITIVITY_BUDGET
 
 FORMAT = 1
@@ -151,8 +151,9 @@ class Bench:
         rows = np.diff(self.cache.row_offsets)
         return np.concatenate([np.full(int(rows[i]), i, dtype=np.int32) for i in self.chunk_ids])
 
-    def swap(self, group: Group, width: int) -> list:
-        """Put ``group`` back at ``width`` bits; returns what undoes it (:meth:`restore`)."""
+    def swap(self, group: Group, width) -> list:
+        """Put ``group`` back at ``width`` (bits, or ``"<bits>g<size>"``: :func:`pytest_kld.groups.step`);
+        returns what undoes it (:meth:`restore`)."""
         import mlx.core as mx
 
         pairs, old = [], []
@@ -161,9 +162,9 @@ class Bench:
                 continue
             w = self._reference_weight(m.path + ".weight")
             if width != FLOAT:
-                gs = affine_group(m)
-                wq, scales, biases = mx.quantize(w, gs, width)
-                w = mx.dequantize(wq, scales.astype(mx.float32), biases.astype(mx.float32), gs, width,
+                gs, b = affine_group(m, width), step(width)[0]
+                wq, scales, biases = mx.quantize(w, gs, b)
+                w = mx.dequantize(wq, scales.astype(mx.float32), biases.astype(mx.float32), gs, b,
                                   dtype=mx.float32)
             pairs.append((m.path + ".weight", w.astype(mx.float32)))
             old.append((m.path + ".weight", self.modules[m.path].weight))
@@ -228,10 +229,12 @@ def _save(path: Path, doc: dict, notify) -> None:
 
 
 def measure(cache, reference, quant, *, name: str | None = None, bits: int = SENSITIVITY_BITS, budget: int = SENSITIVITY_BUDGET, seed: int = 0,
-            fine_roles: int | None = None, extra: list[tuple[str, int]] = (), progress=None, notify=None,
-            trust_remote_code: bool = False) -> dict:
+            fine_roles: int | None = None, extra: list[tuple[str, int]] = (), group_sizes=(), progress=None,
+            notify=None, trust_remote_code: bool = False) -> dict:
     """The sensitivity document of ``quant``: every group's saving at ``bits`` (0: the reference's
     own dtype), plus the ``extra`` (group name, width) pairs; read from the store when there.
+    ``group_sizes`` (e.g. ``(32,)``): each group also at its lowest width with each of those group
+    sizes smaller than its own (``"4g32"``: :func:`pytest_kld.groups.finer`), a step a recipe may take.
 
     ``fine_roles=k``: coarse to fine. First each role across all layers as one group (and the
     embedding and head), then the layers of the ``k`` roles that save most per added bit; the
@@ -249,13 +252,15 @@ def measure(cache, reference, quant, *, name: str | None = None, bits: int = SEN
                                                  bits, budget, seed)
     groups = {g["name"]: Group.from_dict(g) for g in doc["groups"] + doc["coarse"]}
     first = [g["name"] for g in doc["coarse"] + doc["groups"] if g["layer"] is None]
+    planned = {g["name"] for g in doc["groups"]}  # what a recipe chooses from (not the roles across all layers)
     stages = [first, None] if fine_roles is not None else [None]
     ran = False
     for stage in stages:
         names = stage if stage is not None else [g["name"] for g in doc["groups"]]
         if stage is None and fine_roles is not None:
             names = [g["name"] for g in doc["groups"] if g["layer"] is None or g["role"] in _top_roles(doc, fine_roles)]
-        todo = [(g, bits) for g in names] + ([(g, int(w)) for g, w in extra] if stage is None else [])
+        todo = [(g, bits) for g in names] + [(g, w) for g in names if g in planned for w in finer(groups[g], group_sizes)]
+        todo += [(g, width_key(w)) for g, w in extra] if stage is None else []
         todo = [(g, w) for g, w in dict.fromkeys(todo) if str(w) not in doc["savings"].get(g, {})]
         if todo:
             _run(doc, cache, reference, quant, groups, todo, lay, progress, notify, trust_remote_code)
@@ -336,7 +341,7 @@ def together(cache, reference, quant, doc: dict, chosen, *, progress=None, notif
     from .hub import resolve_model
     from .intervals import paired
 
-    chosen = sorted((str(g), int(w)) for g, w in chosen)
+    chosen = sorted(((str(g), width_key(w)) for g, w in chosen), key=str)
     key = ", ".join(f"{g}@{w}" for g, w in chosen)
     kept = doc.setdefault("together", {})
     if key in kept:

@@ -35,6 +35,10 @@ def add_parser(sub) -> None:
     sp.add_argument("--fine-roles", type=int, default=None, metavar="K",
                     help="coarse to fine: each role across all layers first, then the layers of the K roles that "
                     "save most per added bit (default: every group of every layer)")
+    sp.add_argument("--group-sizes", default="", metavar="G[,G]",
+                    help="also measure each group at its own bits with these smaller group sizes (e.g. 32: a "
+                    "4-bit g64 group at 4 bits g32), steps a recipe may take; one more pass per group and size "
+                    "(default: none)")
     sp.add_argument("--top", type=int, default=None, metavar="N", help="print the N first groups (default: all)")
     sp.add_argument("--target-bpw", type=float, default=None, metavar="B", help="recipe: bits per weight to reach")
     sp.add_argument("--target-kld", type=float, default=None, metavar="X", help="recipe: predicted mean KLD to reach")
@@ -53,6 +57,7 @@ def run(args, settings: dict, open_cache) -> int:
         raise KldError(f"--bits {args.bits}: choose 2 to 8, or 0 for the reference's own dtype")
     if args.budget < 1:
         raise KldError(f"--budget {args.budget}: must be at least 1")
+    args.group_sizes = _group_sizes(args.group_sizes)
     if (args.recipe or args.verify) and args.target_bpw is None and args.target_kld is None:
         raise KldError("--recipe and --verify need --target-bpw or --target-kld")
     settings["reference"] = args.reference
@@ -77,6 +82,17 @@ def run(args, settings: dict, open_cache) -> int:
     return 0
 
 
+def _group_sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(sorted({int(v) for v in text.replace(",", " ").split()}))
+    except ValueError:
+        sizes = (0,)
+    if any(g not in (32, 64) for g in sizes):
+        raise KldError(f"--group-sizes {text}: give 32 or 64 (smaller than the quant's own group size, "
+                       "which affine quantisation takes), comma-separated")
+    return sizes
+
+
 def _reference_weights(reference: str, cache, given_cache: bool) -> str:
     if not given_cache:
         return reference
@@ -91,6 +107,7 @@ def _measure(cache, reference, args, progress) -> dict:
     from .sensitivity import check_budget, measure
 
     doc = measure(cache, reference, args.quant, bits=args.bits, budget=args.budget, fine_roles=args.fine_roles,
+                  group_sizes=args.group_sizes,
                   progress=progress,
                   notify=lambda line: print(line, file=sys.stderr, flush=True))
     check_budget(doc)
@@ -105,7 +122,7 @@ def _recipe(cache, reference, doc, args) -> dict:
 
     def remeasure(extra):
         return measure(cache, reference, args.quant, bits=args.bits, budget=args.budget, extra=extra,
-                       fine_roles=args.fine_roles, progress=Progress(f"sensitivity of {args.quant} at the recipe's widths"))
+                       fine_roles=args.fine_roles, group_sizes=args.group_sizes, progress=Progress(f"sensitivity of {args.quant} at the recipe's widths"))
 
     recipe, new = plan_measured(doc, remeasure, target_bpw=args.target_bpw, target_kld=args.target_kld)
     doc.update(new)
@@ -134,6 +151,7 @@ def _recipe(cache, reference, doc, args) -> dict:
 
 
 def _text(doc: dict, report: dict, top) -> list[str]:
+    from .groups import spell
     from .sensitivity import lines
 
     out = lines(doc, top)
@@ -142,8 +160,7 @@ def _text(doc: dict, report: dict, top) -> list[str]:
         out.append(f"recipe (greedy by KLD saved per added bit): {r['quant_bpw']:.3f} -> {r['predicted_bpw']:.3f} "
                    f"bits/weight, predicted mean {r['quant_mean']:.5f} -> {r['predicted_mean']:.5f}")
         for g in r["groups"]:
-            width = "reference dtype" if g["width"] == 0 else f"{g['width']} bits"
-            out.append(f"  {g['group']:<28} {width:>15}  saves {g['predicted_saving']:+.5f}  +{g['added_bpw']:.4f} bits/w"
+            out.append(f"  {g['group']:<28} {spell(g['width']):>16}  saves {g['predicted_saving']:+.5f}  +{g['added_bpw']:.4f} bits/w"
                        + ("" if g["measured_at_width"] else "  (predicted from --bits)"))
         t = r.get("together")
         if t:
@@ -166,6 +183,7 @@ def _text(doc: dict, report: dict, top) -> list[str]:
 
 def markdown(doc: dict, report: dict) -> list[str]:
     from .explain import markdown_table, what
+    from .groups import spell
     from .sensitivity import ranking
 
     out = [f"### Sensitivity of {doc['model']}", "",
@@ -175,5 +193,5 @@ def markdown(doc: dict, report: dict) -> list[str]:
     if r:
         out += ["", f"Recipe: {r['quant_bpw']:.3f} → {r['predicted_bpw']:.3f} bits/weight, predicted mean "
                 f"{r['quant_mean']:.5f} → {r['predicted_mean']:.5f}: "
-                + ", ".join(f"{g['group']} at {g['width'] or 'float'}" for g in r["groups"])]
+                + ", ".join(f"{g['group']} at {spell(g['width'])}" for g in r["groups"])]
     return out

@@ -130,6 +130,47 @@ def test_a_recipe_keeps_the_quants_own_mode(tiny_model, cache_for, tmp_path):
     assert model_info(built).bits_per_weight == pytest.approx(planned["predicted_bpw"], abs=1e-6)
 
 
+def test_a_finer_group_size_is_a_step_measured_and_built(tiny_model, cache_for, tmp_path):
+    """``group_sizes=(32,)`` on a 4-bit g64 quant: every group is also measured at "4g32", and
+    its saving is the one of a model mlx-lm builds with that group at 4 bits g32 (the same KL to
+    float32 rounding). A bits budget that a 5th bit of no group fits but a finer group does: the
+    recipe takes "4g32" steps, mlx-lm builds it, its config says group 32, and the built bits per
+    weight are the predicted ones."""
+    from pytest_kld import recipe
+    from pytest_kld.compare import compare
+    from pytest_kld.groups import Group, added_bpw
+    from pytest_kld.quantinfo import model_info
+
+    cache, ref, quant = cache_for("llama"), tiny_model("llama"), tiny_model("llama", bits=4)
+    doc = sensitivity.measure(cache, ref, quant, budget=10**6, group_sizes=(32,))
+    assert all(set(doc["savings"][g["name"]]) == {"8", "4g32"} for g in doc["groups"])
+    top = max(doc["groups"], key=lambda g: doc["savings"][g["name"]]["4g32"]["diff"])
+    s = doc["savings"][top["name"]]["4g32"]
+    assert s["measured"] and s["low"] > 0 and 0 < s["added_bpw"] < doc["savings"][top["name"]]["8"]["added_bpw"]
+    paths = {m["path"] for m in top["modules"]}
+    built = quantize(ref, tmp_path / "g32", bits=4, group_size=64,
+                     predicate=lambda p, m: {"bits": 4, "group_size": 32, "mode": "affine"} if p in paths else True)
+    assert compare(cache, built, exec="float32").summary["mean"] == pytest.approx(doc["base_mean"] - s["diff"], rel=1e-5)
+
+    class Sizes:
+        params, ref_dtype_bytes = doc["params"], doc["ref_dtype_bytes"]
+
+    groups = [Group.from_dict(g) for g in doc["groups"]]
+    fifth = min(added_bpw(g, 5, Sizes) for g in groups)
+    finer = sorted(added_bpw(g, "4g32", Sizes) for g in groups)
+    assert finer[0] < fifth
+    planned = recipe.plan(doc, target_bpw=doc["bits_per_weight"] + min(fifth, sum(finer)) * 0.999)
+    assert planned["groups"] and all(g["width"] == "4g32" and g["measured_at_width"] for g in planned["groups"])
+    raised = {p: v for p, v in planned["modules"].items() if v}
+    assert raised and all(v == {"bits": 4, "group_size": 32, "mode": "affine"} for v in raised.values())
+    out = recipe.build(ref, planned, tmp_path / "built")
+    config = json.loads((out / "config.json").read_text())["quantization"]
+    assert config["group_size"] == 64 and all(config[p] == v for p, v in raised.items())
+    assert model_info(out).bits_per_weight == pytest.approx(planned["predicted_bpw"], abs=1e-6)
+    again = sensitivity.together(cache, ref, quant, doc, [(g["group"], g["width"]) for g in planned["groups"]])
+    assert again["diff"] > 0
+
+
 def test_a_kld_target_is_planned_again_until_the_groups_together_reach_it(tiny_model, cache_for):
     """``recipe.calibrated`` with ``target_kld``: when the groups put back together save half what
     their single savings sum to (a stand-in for ``together``), the first plan misses the target on
