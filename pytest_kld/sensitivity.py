@@ -413,7 +413,15 @@ def public(doc: dict) -> dict:
     """The versioned ``sensitivity`` object of the results JSON (and of the command's --json)."""
     keys = ("direction", "model", "path", "reference", "bits", "budget", "seed", "positions", "chunks",
             "bits_per_weight", "base_mean")
-    return {"schema_version": 1, **{k: doc.get(k) for k in keys}, "ranking": ranking(doc)}
+    out = {"schema_version": 1, **{k: doc.get(k) for k in keys}, "ranking": ranking(doc)}
+    if finer_widths(doc):
+        out["finer"] = {w: ranking(doc, w, coarse=False) for w in finer_widths(doc)}
+    return out
+
+
+def finer_widths(doc: dict) -> list[str]:
+    """The finer-group widths measured (``--group-sizes``: ``"4g32"``…), in order."""
+    return sorted({w for s in doc["savings"].values() for w in s if "g" in w})
 
 
 def explain(cache, quant, *, top: int, bits: int, budget: int, progress=None) -> tuple[str, dict | None]:

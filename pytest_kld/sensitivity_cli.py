@@ -151,10 +151,13 @@ def _recipe(cache, reference, doc, args) -> dict:
 
 
 def _text(doc: dict, report: dict, top) -> list[str]:
+    from .explain import table
     from .groups import spell
-    from .sensitivity import lines
+    from .sensitivity import finer_widths, lines, ranking
 
     out = lines(doc, top)
+    for w in finer_widths(doc):
+        out += [f"at a finer group instead ({spell(w)}; --group-sizes):"] + table(ranking(doc, w, coarse=False)[:top])
     r = report.get("recipe")
     if r:
         out.append(f"recipe (greedy by KLD saved per added bit): {r['quant_bpw']:.3f} -> {r['predicted_bpw']:.3f} "
@@ -184,11 +187,13 @@ def _text(doc: dict, report: dict, top) -> list[str]:
 def markdown(doc: dict, report: dict) -> list[str]:
     from .explain import markdown_table, what
     from .groups import spell
-    from .sensitivity import ranking
+    from .sensitivity import finer_widths, ranking
 
     out = [f"### Sensitivity of {doc['model']}", "",
            f"Mean {doc['direction']} saved by putting one group back ({what(doc['bits'])}), paired with the quant "
            f"({doc['positions']} positions, {len(doc['chunks'])} chunks).", ""] + markdown_table(ranking(doc))
+    for w in finer_widths(doc):
+        out += ["", f"At a finer group instead ({spell(w)}):", ""] + markdown_table(ranking(doc, w, coarse=False))
     r = report.get("recipe")
     if r:
         out += ["", f"Recipe: {r['quant_bpw']:.3f} → {r['predicted_bpw']:.3f} bits/weight, predicted mean "

@@ -266,11 +266,17 @@ def test_cli_recipe_round_trips_through_convert(tiny_model, tmp_path, prose_file
     args = ["sensitivity", str(ref), str(quant), "--mode", "file", "--dataset", str(prose_file), "--n-ctx", "128",
             "--cache-dir", str(tmp_path / "c"), "--budget", "400", "--target-bpw", str(target), "--recipe",
             str(tmp_path / "rec"), "--verify", str(tmp_path / "built"), "--json", str(tmp_path / "s.json"),
-            "--markdown", str(tmp_path / "s.md")]
+            "--markdown", str(tmp_path / "s.md"), "--group-sizes", "32"]
+    assert main(args[:-1] + ["16"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("pytest-kld: --group-sizes 16: give 32 or 64") and "\n" not in err
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "sensitivity of" in out and "verified on" in out and "the groups put back together, on the same" in out
+    assert "at a finer group instead (3 bits, group 32; --group-sizes):" in out
     report = json.loads((tmp_path / "s.json").read_text())
+    assert len(report["sensitivity"]["finer"]["3g32"]) == 6
+    assert "At a finer group instead (3 bits, group 32):" in (tmp_path / "s.md").read_text()
     t = report["recipe"]["together"]  # the groups put back at once, on the ranking's sample
     assert t["low"] <= t["diff"] <= t["high"] and t["diff"] > 0
     recipe, ranking = report["recipe"], report["sensitivity"]["ranking"]
