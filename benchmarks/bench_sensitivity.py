@@ -2,7 +2,7 @@
 this machine, and recipes against mlx-lm's mixed ones, built and measured on the whole corpus.
 
     python benchmarks/bench_sensitivity.py [--cache-dir DEMO_DIR] [--kld-cache-dir DIR] [--budget N]
-        [--fine-roles K] [--rank 3bit-g64 mixed_3_6] [--recipes 3bit-g64:mixed_3_6 4bit-g64:mixed_4_6] [--out DIR]
+        [--fine-roles K] [--group-sizes 32] [--rank 3bit-g64 mixed_3_6] [--recipes 3bit-g64:mixed_3_6 4bit-g64:mixed_4_6] [--out DIR]
 
 1. Ranks each ``--rank`` quant (``pytest_kld.sensitivity.measure``: groups put back at 8 bits, on
    ``--budget`` positions of the short corpus) and prints the top groups, whether the
@@ -11,6 +11,8 @@ this machine, and recipes against mlx-lm's mixed ones, built and measured on the
 2. For each ``QUANT:RIVAL``: a recipe from QUANT's ranking with ``--target-bpw`` = RIVAL's bits per
    weight, built with mlx-lm in ``--out`` and compared on the whole short corpus with QUANT
    (predicted against measured saving) and with RIVAL (paired: does the recipe beat it?).
+   ``--group-sizes 32``: QUANT's groups also measured at a finer group (the command's option), steps
+   the recipe may take.
 Heavy: run it with ``nice`` on a shared machine. Exit 1 when a claim does not hold.
 """
 
@@ -74,7 +76,7 @@ def recipe_against(cache, reference, quant: Path, rival: Path, args) -> bool:
 
     def remeasure(extra=()):
         return measure(cache, reference, quant, bits=8, budget=args.budget, fine_roles=args.fine_roles, extra=extra,
-                       progress=Progress(f"sensitivity of {quant.name}"))
+                       group_sizes=args.group_sizes, progress=Progress(f"sensitivity of {quant.name}"))
 
     target = model_info(rival).bits_per_weight
     recipe, doc = plan_measured(remeasure(), remeasure, target_bpw=target)
@@ -110,6 +112,7 @@ def main() -> int:
     ap.add_argument("--kld-cache-dir", default=None, help="reference cache directory (default: the user cache)")
     ap.add_argument("--budget", type=int, default=SENSITIVITY_BUDGET, help="default: the command's")
     ap.add_argument("--fine-roles", type=int, default=None)
+    ap.add_argument("--group-sizes", type=int, nargs="*", default=(), help="finer group sizes for the recipes")
     ap.add_argument("--rank", nargs="*", default=["3bit-g64", "mixed_3_6"])
     ap.add_argument("--recipes", nargs="*", default=["3bit-g64:mixed_3_6", "4bit-g64:mixed_4_6"])
     ap.add_argument("--out", default=None, help="where recipes are built (default: a temporary directory)")
