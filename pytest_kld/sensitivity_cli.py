@@ -62,6 +62,12 @@ def run(args, settings: dict, open_cache) -> int:
         raise KldError("--recipe and --verify need --target-bpw or --target-kld")
     settings["reference"] = args.reference
     output_paths(settings, prefix="--")
+    if args.recipe:  # the report written last would replace the recipe's own file
+        stem = Path(args.recipe).resolve()
+        for opt in ("json", "markdown"):
+            if settings.get(opt) and Path(settings[opt]).resolve() in (stem.with_suffix(".json"), stem.with_suffix(".py")):
+                raise KldError(f"--{opt} {settings[opt]} is a file --recipe {args.recipe} writes: give the report "
+                               "another name")
     cache = open_cache(settings)
     reference = _reference_weights(args.reference, cache, is_cache_dir(args.reference))
     doc = _measure(cache, reference, args, Progress(f"sensitivity of {args.quant}"))

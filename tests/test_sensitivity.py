@@ -270,6 +270,10 @@ def test_cli_recipe_round_trips_through_convert(tiny_model, tmp_path, prose_file
     assert main(args[:-1] + ["16"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("pytest-kld: --group-sizes 16: give 32 or 64") and "\n" not in err
+    clash = [v if v != str(tmp_path / "s.json") else str(tmp_path / "rec.json") for v in args]
+    assert main(clash) == 2  # the report would replace the recipe's JSON
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"pytest-kld: --json {tmp_path / 'rec.json'} is a file --recipe") and "\n" not in err
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "sensitivity of" in out and "verified on" in out and "the groups put back together, on the same" in out
