@@ -439,3 +439,27 @@ def test_the_recipe_is_greedy_by_saving_per_added_bit():
     with pytest.raises(KldError, match="below the quant's own"):
         plan(doc, target_bpw=3.0)
     assert plan(doc, target_kld=0.9)["predicted_mean"] <= 0.9
+
+
+def test_a_finer_group_is_taken_when_it_pays_and_left_for_more_bits():
+    """``big`` measured at 3 bits g32 (0.15 for 0.125 bits/w: 1.2 per bit, between ``small``'s
+    4-bit step and everything else): taken second with room for two steps and written group 32;
+    with room for all, ``big`` goes on from it to 8 bits, charged 8 bits' size only once. A finer
+    group never measured is never offered."""
+    from pytest_kld.groups import Group, added_bpw
+    from pytest_kld.recipe import plan, predicted_saving
+
+    doc = _synthetic_doc()
+    doc["savings"]["big"]["3g32"] = {"se": 0.01, "low": 0.1, "high": 0.2, "measured": True, "diff": 0.15,
+                                     "added_bpw": 0.125}
+    big, small = (Group.from_dict(g) for g in doc["groups"])
+    sizes = type("S", (), {"params": doc["params"], "ref_dtype_bytes": 2})()
+    assert added_bpw(big, "3g32", sizes) == pytest.approx(0.125)  # twice the scales and biases, 16-bit each
+    assert predicted_saving(doc, small, "3g32") == 0.0
+    two = plan(doc, target_bpw=3.5 + added_bpw(small, 4, sizes) + 0.125)
+    assert [(g["group"], g["width"]) for g in two["groups"]] == [("small", 4), ("big", "3g32")]
+    assert two["modules"]["big.proj"] == {"bits": 3, "group_size": 32, "mode": "affine"}
+    assert two["predicted_saving"] == pytest.approx(0.15 + predicted_saving(doc, small, 4))
+    everything = plan(doc, target_bpw=10)
+    assert {(g["group"], g["width"]) for g in everything["groups"]} == {("big", 8), ("small", 8)}
+    assert everything["predicted_bpw"] == pytest.approx(3.5 + 1.25 + 0.3125)
