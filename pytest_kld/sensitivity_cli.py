@@ -113,8 +113,7 @@ def _measure(cache, reference, args, progress) -> dict:
     from .sensitivity import check_budget, measure
 
     doc = measure(cache, reference, args.quant, bits=args.bits, budget=args.budget, fine_roles=args.fine_roles,
-                  group_sizes=args.group_sizes,
-                  progress=progress,
+                  group_sizes=args.group_sizes, progress=progress,
                   notify=lambda line: print(line, file=sys.stderr, flush=True))
     check_budget(doc)
     return doc
@@ -128,7 +127,8 @@ def _recipe(cache, reference, doc, args) -> dict:
 
     def remeasure(extra):
         return measure(cache, reference, args.quant, bits=args.bits, budget=args.budget, extra=extra,
-                       fine_roles=args.fine_roles, group_sizes=args.group_sizes, progress=Progress(f"sensitivity of {args.quant} at the recipe's widths"))
+                       fine_roles=args.fine_roles, group_sizes=args.group_sizes,
+                       progress=Progress(f"sensitivity of {args.quant} at the recipe's widths"))
 
     recipe, new = plan_measured(doc, remeasure, target_bpw=args.target_bpw, target_kld=args.target_kld)
     doc.update(new)
